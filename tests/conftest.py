@@ -1,0 +1,63 @@
+"""Shared fixtures: a tokenizer trained in the test session and tiny random encoders. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+
+# Fail at once instead of retrying for a minute if anything reaches for the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from retromae_st.models import Preset, build_model, train_wordpiece_tokenizer
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+TINY = Preset(layers=2, hidden=32, heads=2, intermediate=64, max_positions=128)
+
+_WORDS = (
+    "retrieval embedding encoder decoder masked autoencoder sentence vector index search query passage "
+    "document corpus token vocabulary attention layer training learning model package debian python "
+    "library function class module network server client database storage memory kernel driver"
+).split()
+
+
+def make_texts(n: int = 200, seed: int = 0) -> list[str]:
+    """Deterministic pseudo-sentences over a small vocabulary, lengths 4-24 words."""
+    generator = torch.Generator().manual_seed(seed)
+    texts = []
+    for _ in range(n):
+        length = int(torch.randint(4, 25, (1,), generator=generator))
+        ids = torch.randint(0, len(_WORDS), (length,), generator=generator).tolist()
+        texts.append(" ".join(_WORDS[i] for i in ids))
+    return texts
+
+
+@pytest.fixture(scope="session")
+def texts() -> list[str]:
+    return make_texts()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(texts):
+    # A small vocabulary so that some words split into ## pieces (whole-word masking has work to do).
+    return train_wordpiece_tokenizer(texts, vocab_size=120, min_frequency=1)
+
+
+@pytest.fixture
+def tiny_model(tokenizer, tmp_path):
+    """A fresh tiny BERT Sentence-Transformer (Transformer + Pooling('cls'))."""
+    return build_model(TINY, tokenizer, max_seq_length=64, save_dir=tmp_path / "init", seed=0)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is absent")
+    return SHARED_DATA
