@@ -9,6 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
+# Tiny models gain nothing from a second thread, and OpenMP threads that spin against other busy
+# processes can slow a step twentyfold: one thread keeps test times stable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path
 
@@ -16,6 +19,8 @@ import pytest
 import torch
 
 from retromae_st.models import Preset, build_model, train_wordpiece_tokenizer
+
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
