@@ -1,0 +1,147 @@
+"""The MLM head shared by encoder and decoder, and vocabulary-wide losses that never hold [N, V] at once.
+
+Vocabulary-wide work dominates a small model's RetroMAE step (SPEC section 9: about 73% of the
+reference's step). Two things keep it small here: the head runs only at positions that have a label,
+and the projection + cross-entropy is fused and chunked (:class:`ChunkedLinearCrossEntropy`): each
+chunk of rows computes its logits, its loss and its gradients at once, so neither the logits nor their
+softmax are kept for backward. The same idea gives DupMAE's max-pooled bag-of-words loss
+(:class:`ChunkedMaxPooledLogits`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.activations import get_activation
+
+# Rows per chunk: keeps one chunk's logits near 2**25 floats (128 MiB) whatever the vocabulary size.
+_CHUNK_ELEMENTS = 2**25
+
+
+def default_chunk_rows(vocab_size: int) -> int:
+    return max(64, _CHUNK_ELEMENTS // max(vocab_size, 1))
+
+
+class MLMHead(nn.Module):
+    """BERT's prediction head: transform (dense, activation, layer norm), then the vocab projection.
+
+    The projection weight is the encoder's input embedding table (tied, passed in at call time so the
+    head never owns or saves a copy of it); the head owns the transform and the output bias.
+    """
+
+    def __init__(
+        self, hidden_size: int, vocab_size: int, activation: str = "gelu", eps: float = 1e-12
+    ) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.activation = get_activation(activation)
+        self.layer_norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., D] -> [..., D]: everything before the vocabulary projection."""
+        return self.layer_norm(self.activation(self.dense(hidden)))
+
+    def loss(
+        self, hidden: torch.Tensor, labels: torch.Tensor, embedding_weight: torch.Tensor, chunk_rows: int
+    ) -> torch.Tensor:
+        """Mean cross-entropy over the labelled rows. hidden [N, D], labels [N] (all valid)."""
+        if labels.numel() == 0:
+            # No labelled token in this batch: a zero that still connects to the graph (DDP needs
+            # every parameter to receive a gradient each step).
+            return hidden.sum() * 0.0 + self.bias.sum() * 0.0
+        return ChunkedLinearCrossEntropy.apply(
+            self.transform(hidden), embedding_weight, self.bias, labels, chunk_rows
+        )
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """mean_i CE(x_i W^T + b, y_i), computed chunk by chunk with its gradients in the forward pass.
+
+    Why hand-written: autograd would keep every chunk's [c, V] softmax alive until backward, so chunking
+    alone saves no memory. Computing d/dx, d/dW, d/db while the chunk's logits exist (the "fused linear
+    cross-entropy" of Liger-Kernel and others) keeps peak memory at one chunk and costs no extra matmul.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, labels, chunk_rows):  # type: ignore[override]
+        rows = labels.numel()
+        need_grad = any(ctx.needs_input_grad[:3])
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty_like(x) if need_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_grad else None
+        for start in range(0, rows, chunk_rows):
+            xc, yc = x[start : start + chunk_rows], labels[start : start + chunk_rows]
+            logits = torch.addmm(bias.to(x.dtype), xc, weight.t().to(x.dtype)).float()  # [c, V]
+            lse = torch.logsumexp(logits, dim=-1)  # [c]
+            total += (lse - logits.gather(1, yc.unsqueeze(1)).squeeze(1)).sum()
+            if need_grad:
+                # d(mean CE)/d logits = (softmax - onehot) / N, formed in place on the logits buffer.
+                probs = logits.sub_(lse.unsqueeze(1)).exp_()
+                probs[torch.arange(len(yc), device=yc.device), yc] -= 1.0
+                probs.div_(rows)
+                grad_x[start : start + chunk_rows] = (probs @ weight.float()).to(x.dtype)
+                grad_w.addmm_(probs.t(), xc.float())
+                grad_b += probs.sum(dim=0)
+        if need_grad:
+            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype), grad_b.to(bias.dtype))
+        return total / rows
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        grad_x, grad_w, grad_b = ctx.saved_tensors
+        return grad_x * grad_output, grad_w * grad_output, grad_b * grad_output, None, None
+
+
+class ChunkedMaxPooledLogits(torch.autograd.Function):
+    """max over positions of (x W^T + b): [B, P, D] -> [B, V], without a [B, P, V] tensor.
+
+    Positions where ``valid`` is False are excluded. Backward routes each (row, vocab) gradient to the
+    position that held the maximum, again chunk by chunk over positions.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, valid, chunk_positions):  # type: ignore[override]
+        batch, positions, _ = x.shape
+        best = torch.full((batch, weight.shape[0]), float("-inf"), device=x.device)
+        where = torch.zeros((batch, weight.shape[0]), dtype=torch.long, device=x.device)
+        for start in range(0, positions, chunk_positions):
+            logits = torch.matmul(x[:, start : start + chunk_positions], weight.t().to(x.dtype)).float()
+            logits = logits + bias.float()  # [B, c, V]
+            logits.masked_fill_(~valid[:, start : start + chunk_positions].unsqueeze(-1), float("-inf"))
+            chunk_best, chunk_where = logits.max(dim=1)  # [B, V]
+            better = chunk_best > best
+            best = torch.where(better, chunk_best, best)
+            where = torch.where(better, chunk_where + start, where)
+        ctx.save_for_backward(x, weight, where)
+        ctx.chunk_positions = chunk_positions
+        ctx.bias_dtype = bias.dtype
+        return best
+
+    @staticmethod
+    def backward(ctx, grad_best):  # type: ignore[override]
+        x, weight, where = ctx.saved_tensors
+        batch, positions, _ = x.shape
+        grad_x = torch.zeros_like(x)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        for start in range(0, positions, ctx.chunk_positions):
+            stop = min(start + ctx.chunk_positions, positions)
+            span = torch.arange(start, stop, device=x.device).view(1, -1, 1)  # [1, c, 1]
+            grad_logits = torch.where(where.unsqueeze(1) == span, grad_best.unsqueeze(1), 0.0)  # [B, c, V]
+            grad_x[:, start:stop] = torch.matmul(grad_logits, weight.float()).to(x.dtype)
+            grad_w += torch.einsum("bcv,bcd->vd", grad_logits, x[:, start:stop].float())
+        return grad_x, grad_w.to(weight.dtype), grad_best.sum(dim=0).to(ctx.bias_dtype), None, None
+
+
+def bag_of_words_loss(
+    pooled_logits: torch.Tensor, input_ids: torch.Tensor, word_tokens: torch.Tensor
+) -> torch.Tensor:
+    """DupMAE: cross-entropy of softmax(pooled logits) against the uniform distribution over the distinct
+    ids of each text. pooled_logits [B, V]; input_ids, word_tokens [B, L] (word_tokens: real, non-special).
+    """
+    log_probs = torch.log_softmax(pooled_logits, dim=-1)  # [B, V]
+    target = torch.zeros_like(log_probs)
+    target.scatter_(1, input_ids, word_tokens.to(target.dtype))  # 1 at every id present (duplicates collapse)
+    counts = target.sum(dim=1).clamp(min=1.0)
+    return -((log_probs * target).sum(dim=1) / counts).mean()
