@@ -1,0 +1,247 @@
+"""RetroMAELoss: it learns, it runs on every supported architecture, and it refuses bad options."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+from retromae_st.heads import ChunkedLinearCrossEntropy, ChunkedMaxPooledLogits
+from retromae_st.loss import NonFiniteLossError, RetroMAELoss
+
+REPETITIVE = [
+    "the package provides a library for parsing configuration files",
+    "this module implements a fast database storage engine",
+    "a python client for the network server protocol",
+    "kernel driver for the storage device with memory support",
+] * 8
+
+
+def features_of(model: SentenceTransformer, texts: list[str]) -> dict[str, torch.Tensor]:
+    return {key: value for key, value in model.preprocess(texts).items() if torch.is_tensor(value)}
+
+
+def train_steps(loss: RetroMAELoss, features, steps: int, lr: float = 2e-3) -> list[dict[str, float]]:
+    loss.callback_attached = True
+    optimizer = torch.optim.AdamW(loss.parameters(), lr=lr)
+    history = []
+    for _ in range(steps):
+        parts = loss([features])
+        optimizer.zero_grad()
+        torch.stack(list(parts.values())).sum().backward()
+        optimizer.step()
+        history.append({name: value.item() for name, value in parts.items()})
+    return history
+
+
+@pytest.mark.parametrize("options", [{}, {"decoding": "basic"}, {"bow_weight": 0.1}])
+def test_loss_decreases_on_repetitive_corpus(tiny_model, options):
+    torch.manual_seed(0)
+    loss = RetroMAELoss(tiny_model, **options)
+    history = train_steps(loss, features_of(tiny_model, REPETITIVE), steps=60, lr=5e-3)
+    components = history[0].keys()
+    assert set(components) == {"encoder_mlm", "decoder"} | ({"bow"} if options.get("bow_weight") else set())
+    # The bag-of-words loss cannot go below the entropy of the uniform target, ln(distinct ids).
+    tokenizer = tiny_model.tokenizer
+    distinct = [len(set(tokenizer(text, add_special_tokens=False)["input_ids"])) for text in REPETITIVE]
+    floor = {"bow": options.get("bow_weight", 0) * sum(map(math.log, distinct)) / len(distinct)}
+    for name in components:
+        start = sum(h[name] for h in history[:3]) / 3 - floor.get(name, 0.0)
+        end = sum(h[name] for h in history[-3:]) / 3 - floor.get(name, 0.0)
+        assert end < 0.75 * start, f"{name} did not fall clearly: {start:.3f} -> {end:.3f} above its floor"
+
+
+def test_returns_components_and_config(tiny_model):
+    loss = RetroMAELoss(tiny_model, encoder_mask_ratio=0.2, decoder_mask_ratio=0.6, decoder_layers=2)
+    config = loss.get_config_dict()
+    assert config["encoder_mask_ratio"] == 0.2 and config["decoder_layers"] == 2
+    assert "retromae" in loss.citation and "2205.12035" in loss.citation
+    assert len(loss.decoder.layers) == 2
+    # the loss owns its decoder and head, the model keeps only its own parameters
+    own = {name for name, _ in loss.own_named_parameters()}
+    assert own and all(name.startswith(("decoder.", "head.")) for name in own)
+    model_params = {id(p) for p in tiny_model.parameters()}
+    assert not any(id(p) in model_params for p in loss.own_parameters())
+
+
+def test_decoder_gradient_reaches_the_sentence_embedding(tiny_model):
+    """The decoder loss alone must train the encoder through h (the point of RetroMAE)."""
+    loss = RetroMAELoss(tiny_model)
+    parts = loss([features_of(tiny_model, REPETITIVE[:4])])
+    parts["decoder"].backward()
+    encoder_layers = tiny_model[0].auto_model.encoder.layer
+    assert encoder_layers[-1].output.dense.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("encoder_mask_ratio", 0.0),
+        ("encoder_mask_ratio", 1.0),
+        ("encoder_mask_ratio", -0.1),
+        ("decoder_mask_ratio", 0.0),
+        ("decoder_mask_ratio", 1.0),
+        ("decoder_mask_ratio", "half"),
+        ("decoding", "fancy"),
+        ("decoder_layers", 0),
+        ("decoder_layers", 1.5),
+        ("decoder_heads", 3),
+        ("decoder_heads", 0),
+        ("bow_weight", -1.0),
+        ("bow_weight", float("nan")),
+        ("query_stream", "other"),
+        ("chunk_rows", 0),
+    ],
+)
+def test_invalid_options_raise_naming_the_option(tiny_model, option, value):
+    with pytest.raises(ValueError, match=option):
+        RetroMAELoss(tiny_model, **{option: value})
+
+
+def test_two_text_columns_are_refused(tiny_model):
+    loss = RetroMAELoss(tiny_model)
+    features = features_of(tiny_model, REPETITIVE[:2])
+    with pytest.raises(ValueError, match="one text column"):
+        loss([features, features])
+
+
+def test_non_finite_loss_names_the_component_and_step(tiny_model):
+    loss = RetroMAELoss(tiny_model)
+    loss.current_step = 7
+    with torch.no_grad():
+        loss.head.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"'encoder_mlm'.*step 7"):
+        loss([features_of(tiny_model, REPETITIVE[:2])])
+
+
+def test_chunked_cross_entropy_matches_full():
+    torch.manual_seed(0)
+    x = torch.randn(37, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    bias = torch.randn(50, requires_grad=True)
+    labels = torch.randint(0, 50, (37,))
+    chunked = ChunkedLinearCrossEntropy.apply(x, weight, bias, labels, 5)
+    grads = torch.autograd.grad(chunked * 3.0, (x, weight, bias))
+    full = torch.nn.functional.cross_entropy(x @ weight.t() + bias, labels)
+    expected = torch.autograd.grad(full * 3.0, (x, weight, bias))
+    assert torch.allclose(chunked, full, atol=1e-5)
+    for got, want in zip(grads, expected):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_chunked_max_pool_matches_full():
+    torch.manual_seed(0)
+    x = torch.randn(3, 11, 8, requires_grad=True)
+    weight = torch.randn(20, 8, requires_grad=True)
+    bias = torch.randn(20, requires_grad=True)
+    valid = torch.rand(3, 11) > 0.3
+    valid[:, 1] = True
+    pooled = ChunkedMaxPooledLogits.apply(x, weight, bias, valid, 4)
+    upstream = torch.randn_like(pooled)
+    grads = torch.autograd.grad((pooled * upstream).sum(), (x, weight, bias))
+    logits = (x @ weight.t() + bias).masked_fill(~valid.unsqueeze(-1), float("-inf"))
+    full = logits.max(dim=1).values
+    expected = torch.autograd.grad((full * upstream).sum(), (x, weight, bias))
+    assert torch.allclose(pooled, full, atol=1e-5)
+    for got, want in zip(grads, expected):
+        assert torch.allclose(got, want, atol=1e-4)
+
+
+# -- architectures -------------------------------------------------------------------------------------
+
+
+def _byte_level_tokenizer(texts, folder):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaTokenizerFast
+
+    raw = ByteLevelBPETokenizer()
+    raw.train_from_iterator(texts, vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    return RobertaTokenizerFast(tokenizer_object=raw._tokenizer, model_max_length=64)
+
+
+def _sentencepiece_tokenizer(texts, folder):
+    from tokenizers import SentencePieceUnigramTokenizer
+    from transformers import XLMRobertaTokenizerFast
+
+    raw = SentencePieceUnigramTokenizer()
+    raw.train_from_iterator(texts, vocab_size=200, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    return XLMRobertaTokenizerFast(tokenizer_object=raw._tokenizer, model_max_length=64)
+
+
+def _encoder(arch: str, tokenizer, wordpiece, texts, folder) -> SentenceTransformer:
+    import transformers as tf
+
+    small = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    if arch in ("roberta", "xlm-roberta"):
+        tok = (_byte_level_tokenizer if arch == "roberta" else _sentencepiece_tokenizer)(texts, folder)
+        config_class = tf.RobertaConfig if arch == "roberta" else tf.XLMRobertaConfig
+        config = config_class(
+            vocab_size=len(tok), max_position_embeddings=66, pad_token_id=tok.pad_token_id, **small
+        )
+        model = (tf.RobertaModel if arch == "roberta" else tf.XLMRobertaModel)(config)
+    else:
+        tok = wordpiece
+        if arch == "bert":
+            model = tf.BertModel(tf.BertConfig(vocab_size=len(tok), max_position_embeddings=64, **small))
+        elif arch == "distilbert":
+            config = tf.DistilBertConfig(
+                vocab_size=len(tok), dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64
+            )
+            model = tf.DistilBertModel(config)
+        elif arch == "modernbert":
+            config = tf.ModernBertConfig(
+                vocab_size=len(tok),
+                max_position_embeddings=64,
+                pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.cls_token_id,
+                eos_token_id=tok.sep_token_id,
+                cls_token_id=tok.cls_token_id,
+                sep_token_id=tok.sep_token_id,
+                global_attn_every_n_layers=1,
+                **small,
+            )
+            model = tf.ModernBertModel(config)
+        elif arch == "electra":
+            config = tf.ElectraConfig(
+                vocab_size=len(tok), embedding_size=32, max_position_embeddings=64, **small
+            )
+            model = tf.ElectraModel(config)
+        else:  # pragma: no cover - parametrisation guard
+            raise AssertionError(arch)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    transformer = Transformer(str(folder), max_seq_length=32)
+    return SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "cls")])
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "xlm-roberta", "distilbert", "modernbert", "electra"])
+def test_each_architecture_trains(arch, tokenizer, texts, tmp_path):
+    torch.manual_seed(0)
+    model = _encoder(arch, tokenizer, tokenizer, texts, tmp_path / arch)
+    loss = RetroMAELoss(model, bow_weight=0.1)
+    features = features_of(model, REPETITIVE[:8])
+    history = train_steps(loss, features, steps=12, lr=3e-3)
+    assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in history)
+    assert history[-1]["decoder"] < history[0]["decoder"]
+    if arch == "modernbert":  # rotary encoders get a decoder-owned position table
+        assert loss.decoder.position_embeddings is not None
+    else:
+        assert loss.decoder.position_embeddings is None
+
+
+def test_unsupported_encoder_names_the_architecture(tmp_path, tokenizer):
+    from transformers import AlbertConfig, AlbertModel
+
+    config = AlbertConfig(
+        vocab_size=len(tokenizer), embedding_size=16, hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    AlbertModel(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    transformer = Transformer(str(tmp_path))
+    model = SentenceTransformer(modules=[transformer, Pooling(32, "cls")])
+    with pytest.raises(ValueError, match="AlbertModel"):
+        RetroMAELoss(model)
