@@ -33,7 +33,11 @@ def _config_of(model: SentenceTransformer) -> dict[str, Any]:
     tokenizer = getattr(model, "tokenizer", None)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        tokenizer_state = backend.to_str()
+        state = json.loads(backend.to_str())
+        # Padding/truncation settings are set per encode call (max_seq_length is hashed on its own).
+        state.pop("padding", None)
+        state.pop("truncation", None)
+        tokenizer_state = json.dumps(state, sort_keys=True)
     elif tokenizer is not None and hasattr(tokenizer, "get_vocab"):
         tokenizer_state = json.dumps(sorted(tokenizer.get_vocab().items()))
     else:

@@ -253,10 +253,12 @@ def merge_indexes(parts: Sequence[faiss.Index]) -> faiss.Index:
         )
     if all(_mergeable(part) for part in parts):
         merged = faiss.clone_index(parts[0])
+        is_flat = isinstance(faiss.downcast_index(merged), faiss.IndexFlat)
         for part in parts[1:]:
             try:
-                # add_id shifts the part's local ids (0..n-1) to global row numbers.
-                merged.merge_from(part, merged.ntotal)
+                # IVF: add_id shifts the part's local ids (0..n-1) to global row numbers. Flat indexes
+                # store no ids (a row's id is its position), so appending is already global.
+                merged.merge_from(part, 0 if is_flat else merged.ntotal)
             except RuntimeError as error:
                 raise UserInputError(
                     f"cannot merge index parts ({str(error).splitlines()[-1]}): build every part from the same "
