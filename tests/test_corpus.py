@@ -238,7 +238,8 @@ def test_utf8_check_is_right_across_read_blocks(tmp_path, monkeypatch):
     good.write_text("é€😀 ok\nnext é\n", encoding="utf-8")
     corpus._check_file(good, "text")
     bad = tmp_path / "bad.txt"
-    data = "é€😀\n".encode() + b"x\xffy"
+    # The bad byte follows a character split between two blocks, so the decoder holds pending bytes.
+    data = "é€😀\nxé".encode() + b"\xffy"
     bad.write_bytes(data)
     offset = data.index(b"\xff")
     with pytest.raises(UserInputError, match=rf"byte offset {offset} \(line 2\)"):
@@ -372,11 +373,16 @@ def test_hundred_thousand_words_and_a_million_characters(tokenizer):
     assert elapsed < 60, f"windowing 2 long documents took {elapsed:.1f} s"
 
 
-def test_documents_without_tokens_are_counted(tokenizer):
+def test_documents_without_tokens_are_counted_once(tokenizer, tmp_path):
     dataset = datasets.Dataset.from_dict({"text": ["retrieval model", "\x01\x02"]})  # control characters only
-    windows, stats = tokenize_corpus(dataset, tokenizer, 16, stats=CorpusStats(source="t", documents_read=2))
+    given = CorpusStats(source="t", documents_read=2)
+    windows, stats = tokenize_corpus(dataset, tokenizer, 16, stats=given, cache_dir=tmp_path)
     assert len(windows) == 1
-    assert stats.documents_skipped == {"no tokens": 1}
+    assert stats.documents_skipped == {"no tokens": 1} and stats.documents_kept == 1
+    assert given.documents_skipped == {} and given.windows == 0  # the caller's stats are not changed
+    # Feeding the returned stats back (and hitting the cache) must not count the skip twice.
+    _, again = tokenize_corpus(dataset, tokenizer, 16, stats=stats, cache_dir=tmp_path)
+    assert again.cached and again.documents_skipped == {"no tokens": 1}
 
 
 def test_roberta_style_tokenizer_frames_and_long_text_pieces(texts):
