@@ -141,9 +141,9 @@ def test_report_holds_every_model_and_task_and_mteb_agrees(mean_model, baseline_
         evaluate([mean_model], beir_folders=[beir], output_dir=out)
 
 
-def test_approximate_index_reports_recall_against_exact_and_qps(tiny_model, beir, tmp_path):
+def test_approximate_index_reports_recall_against_exact_and_qps(mean_model, beir, tmp_path):
     report = evaluate(
-        [tiny_model], beir_folders=[beir], output_dir=tmp_path / "out", index="hnsw", cache_dir=tmp_path / "c"
+        [mean_model], beir_folders=[beir], output_dir=tmp_path / "out", index="hnsw", cache_dir=tmp_path / "c"
     )
     [approx] = report["approximate"]
     assert approx["factory"] == "HNSW32" and 0.0 <= approx["recall@10_vs_exact"] <= 1.0
