@@ -46,6 +46,17 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def launcher_args() -> dict[str, Any]:
+    """Training arguments that make ``torchrun`` / ``accelerate launch`` work on CPU-only machines.
+
+    Without ``use_cpu=True`` the transformers trainer does not set up DDP on a machine without an
+    accelerator, and each process would silently train its own model. Single-process runs keep the
+    trainer's own device choice (CUDA or MPS).
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return {"use_cpu": True} if launched and not torch.cuda.is_available() else {}
+
+
 class RetroMAETrainingCallback(TrainerCallback):
     """Checkpoint, restore, synchronise and clip the weights a :class:`RetroMAELoss` owns.
 
@@ -233,6 +244,7 @@ def pretrain(
         report_to="none",
         remove_unused_columns=False,
         **({"batch_sampler": sampler} if sampler is not None else {}),
+        **launcher_args(),
         **(extra_args or {}),
     )
     callback = RetroMAETrainingCallback(loss, resume_from_checkpoint=resume_from)

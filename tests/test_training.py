@@ -1,0 +1,167 @@
+"""Training with the stock trainer: stock saved model, exact resume, joint clipping, multi-process sync."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, make_texts
+from datasets import Dataset
+from safetensors.torch import load_file
+from sentence_transformers import SentenceTransformer
+from transformers import TrainerCallback
+
+from retromae_st.corpus import tokenize_corpus
+from retromae_st.loss import LOSS_WEIGHTS_NAME, RetroMAELoss
+from retromae_st.models import build_model
+from retromae_st.training import (
+    RetroMAETrainingCallback,
+    complete_checkpoints,
+    last_complete_checkpoint,
+    pretrain,
+)
+
+
+@pytest.fixture
+def windows(tokenizer):
+    dataset, _ = tokenize_corpus(
+        Dataset.from_dict({"text": make_texts(48, seed=5)}), tokenizer, max_seq_length=64
+    )
+    return dataset
+
+
+def _fresh(tokenizer, folder: Path) -> tuple[SentenceTransformer, RetroMAELoss]:
+    model = build_model(TINY, tokenizer, max_seq_length=64, save_dir=folder, seed=0)
+    torch.manual_seed(0)
+    return model, RetroMAELoss(model)
+
+
+def test_pretrain_saves_a_stock_model_that_reloads(tokenizer, windows, tmp_path):
+    model, loss = _fresh(tokenizer, tmp_path / "init")
+    pretrain(
+        model, windows, tmp_path / "run", loss=loss, batch_size=8, max_steps=4, save_steps=2, learning_rate=1e-3,
+        logging_steps=1,
+    )  # fmt: skip
+    final = tmp_path / "run" / "final"
+    modules = json.loads((final / "modules.json").read_text())
+    assert all(module["type"].startswith("sentence_transformers.") for module in modules)
+    assert json.loads((final / "1_Pooling" / "config.json").read_text())["pooling_mode"] == "cls"
+    assert not list(final.rglob("*.bin")) and list(final.rglob("*.safetensors"))
+    reloaded = SentenceTransformer(str(final))  # no trust_remote_code needed
+    sentences = ["a retrieval query", "the decoder rebuilds the text"]
+    assert torch.allclose(
+        torch.as_tensor(model.encode(sentences)), torch.as_tensor(reloaded.encode(sentences)), atol=1e-6
+    )
+    # the decoder is training state: beside every checkpoint and at the end, never inside the model
+    assert (tmp_path / "run" / "decoder" / LOSS_WEIGHTS_NAME).is_file()
+    assert all(
+        (c / LOSS_WEIGHTS_NAME).is_file() for c in complete_checkpoints(tmp_path / "run" / "checkpoints")
+    )
+    assert not (final / LOSS_WEIGHTS_NAME).exists()
+    log = json.loads((tmp_path / "run" / "training_log.json").read_text())
+    assert any("decoder" in entry and "encoder_mlm" in entry for entry in log)
+    # the model card names the loss
+    assert "RetroMAELoss" in (final / "README.md").read_text()
+
+
+def test_finished_output_is_not_overwritten(tokenizer, windows, tmp_path):
+    model, loss = _fresh(tokenizer, tmp_path / "init")
+    pretrain(model, windows, tmp_path / "run", loss=loss, batch_size=8, max_steps=2, save_steps=10)
+    with pytest.raises(ValueError, match="already exists"):
+        pretrain(model, windows, tmp_path / "run", loss=loss, batch_size=8, max_steps=2)
+
+
+class _Crash(TrainerCallback):
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at_step:
+            raise KeyboardInterrupt(f"simulated crash at step {self.at_step}")
+
+
+def _run(tokenizer, windows, folder: Path, callbacks=()) -> RetroMAELoss:
+    model, loss = _fresh(tokenizer, folder / "init")
+    pretrain(
+        model, windows, folder / "run", loss=loss, batch_size=8, max_steps=8, save_steps=3,
+        learning_rate=1e-3, callbacks=callbacks,
+    )  # fmt: skip
+    return loss
+
+
+def test_resume_continues_exactly(tokenizer, windows, tmp_path):
+    straight = _run(tokenizer, windows, tmp_path / "a")
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tokenizer, windows, tmp_path / "b", callbacks=[_Crash(at_step=5)])
+    checkpoints = tmp_path / "b" / "run" / "checkpoints"
+    assert last_complete_checkpoint(checkpoints).name == "checkpoint-3"
+    assert not (tmp_path / "b" / "run" / "final").exists()
+    # a checkpoint cut short (no decoder weights written) is passed over on resume
+    partial = checkpoints / "checkpoint-4"
+    shutil.copytree(checkpoints / "checkpoint-3", partial)
+    (partial / LOSS_WEIGHTS_NAME).unlink()
+    resumed = _run(tokenizer, windows, tmp_path / "b")
+
+    for name in ("final",):
+        a = load_file(str(tmp_path / "a" / "run" / name / "model.safetensors"))
+        b = load_file(str(tmp_path / "b" / "run" / name / "model.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    for key, value in straight.own_state_dict().items():
+        assert torch.equal(value, resumed.own_state_dict()[key]), key
+    state = json.loads((checkpoints / "checkpoint-8" / "trainer_state.json").read_text())
+    assert state["global_step"] == 8
+
+
+def test_joint_gradient_clipping(tiny_model):
+    loss = RetroMAELoss(tiny_model)
+    callback = RetroMAETrainingCallback(loss)
+    callback.max_grad_norm = 1.0
+    for parameter in list(tiny_model.parameters()) + loss.own_parameters():
+        parameter.grad = torch.full_like(parameter, 0.5)
+    own_before = torch.cat([p.grad.flatten() for p in loss.own_parameters()]).norm()
+    callback.on_pre_optimizer_step(None, None, None, model=tiny_model)
+    grads = [p.grad.flatten() for p in list(tiny_model.parameters()) + loss.own_parameters()]
+    assert torch.cat(grads).norm().item() == pytest.approx(1.0, rel=1e-4)
+    own_after = torch.cat([p.grad.flatten() for p in loss.own_parameters()]).norm()
+    assert own_after < own_before  # the loss's gradients were scaled too
+
+
+def test_resume_without_decoder_weights_is_refused(tiny_model, tmp_path):
+    loss = RetroMAELoss(tiny_model)
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        loss.load_own_weights(tmp_path)
+    loss.save_own_weights(tmp_path)
+    other = RetroMAELoss(tiny_model, decoder_layers=2)
+    with pytest.raises(ValueError, match="does not match"):
+        other.load_own_weights(tmp_path)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_end_identical(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29531",
+         str(Path(__file__).parent / "workers" / "ddp_pretrain.py"), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = load_file(str(tmp_path / "rank0.safetensors"))
+    rank1 = load_file(str(tmp_path / "rank1.safetensors"))
+    init = load_file(str(tmp_path / "init0" / "model.safetensors"))
+    assert rank0.keys() == rank1.keys()
+    assert any(key.startswith("loss.decoder.") for key in rank0)
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    # and training did move the weights (identical because synchronised, not because untouched)
+    moved = [k for k in init if not torch.equal(init[k], rank0["model.0.model." + k])]
+    assert moved

@@ -1,0 +1,49 @@
+"""Run by ``torchrun --nproc_per_node 2`` from tests/test_training.py: RetroMAE pretraining on gloo.
+
+Each rank writes its final encoder and decoder weights to ``<out>/rank<r>.safetensors`` so the test can
+check that every process ends with identical weights.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from datasets import Dataset
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import TINY, make_texts  # noqa: E402
+
+from retromae_st.corpus import tokenize_corpus  # noqa: E402
+from retromae_st.models import build_model, train_wordpiece_tokenizer  # noqa: E402
+from retromae_st.training import pretrain  # noqa: E402
+
+
+def main(out: Path) -> None:
+    torch.manual_seed(0)
+    texts = make_texts(64, seed=3)
+    tokenizer = train_wordpiece_tokenizer(make_texts(), vocab_size=120, min_frequency=1)
+    rank = int(os.environ["RANK"])
+    # Each rank initialises with its own seed: the trainer (model) and the callback (decoder) must
+    # bring them to one state anyway.
+    model = build_model(TINY, tokenizer, max_seq_length=64, save_dir=out / f"init{rank}", seed=rank)
+    dataset, _ = tokenize_corpus(Dataset.from_dict({"text": texts}), tokenizer, max_seq_length=64)
+    from retromae_st.loss import RetroMAELoss
+
+    torch.manual_seed(rank)
+    loss = RetroMAELoss(model)
+    pretrain(
+        model, dataset, out / "run", loss=loss, batch_size=8, max_steps=6, learning_rate=1e-3, save_steps=100
+    )
+    state = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    state.update({f"loss.{k}": v.contiguous() for k, v in loss.own_state_dict().items()})
+    save_file(state, str(out / f"rank{rank}.safetensors"))
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
