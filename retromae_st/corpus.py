@@ -183,6 +183,11 @@ def detect_text_format(path: str | os.PathLike, sample_bytes: int = _SCAN_BLOCK)
     with open(path, "rb") as handle:
         sample = handle.read(sample_bytes).decode("utf-8", errors="replace")
     lines = sample.splitlines()
+    # Empty lines at the start or end separate nothing (a trailing "\n\n" is common in line files).
+    while lines and not lines[-1]:
+        lines.pop()
+    first = next((i for i, line in enumerate(lines) if line), len(lines))
+    lines = lines[first:]
     # Only truly empty lines count: the datasets "text" builder splits paragraphs on "\n\n" exactly.
     blank = sum(1 for line in lines if not line)
     multi_line_block = any(a and b for a, b in zip(lines, lines[1:]))
@@ -245,7 +250,10 @@ def _load_files(
         _check_file(path, builder)
         sample_by = None
         if builder == "text":
-            sample_by = "paragraph" if (text_format or detect_text_format(path)) == "paragraphs" else "line"
+            chosen = text_format or detect_text_format(path)
+            if text_format is None:
+                logger.info("%s: reading one document per %s (pass text_format to choose)", path, chosen[:-1])
+            sample_by = "paragraph" if chosen == "paragraphs" else "line"
         groups.setdefault((builder, sample_by), []).append(path)
     if not groups:
         raise UserInputError(f"{label}: every file is empty; there is nothing to read.")
@@ -536,7 +544,9 @@ def tokenize_corpus(
 
     target = None
     if cache_dir is not None:
-        key = _cache_key(dataset, tokenizer, max_seq_length, pack, chunk_chars)
+        # Packed windows restart at every map batch and process shard, so those settings shape them too.
+        packing = (batch_size, num_proc or 1) if pack else None
+        key = _cache_key(dataset, tokenizer, max_seq_length, packing, chunk_chars)
         target = Path(cache_dir) / f"windows-{key}"
         if (target / _STATS_FILE).is_file():
             return _load_cached(target, stats)
@@ -682,7 +692,7 @@ def _cache_key(
     dataset: datasets.Dataset,
     tokenizer: PreTrainedTokenizerBase,
     max_seq_length: int,
-    pack: bool,
+    packing: tuple[int, int] | None,
     chunk_chars: int,
 ) -> str:
     # datasets has no public accessor for the fingerprint; it is stable for the same files and operations.
@@ -694,7 +704,7 @@ def _cache_key(
         "tokenizer_class": type(tokenizer).__name__,
         "special_tokens": sorted(tokenizer.special_tokens_map.items(), key=str),
         "max_seq_length": max_seq_length,
-        "pack": pack,
+        "packing": packing,
         "chunk_chars": chunk_chars,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]

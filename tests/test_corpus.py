@@ -76,6 +76,9 @@ def test_lines_file_with_a_stray_blank_line_stays_lines(tmp_path, hf_cache):
     lines = make_texts(40, seed=1)
     path.write_text("\n".join(lines[:20] + [""] + lines[20:]) + "\n", encoding="utf-8")
     assert detect_text_format(path) == "lines"
+    trailing = tmp_path / "trailing.txt"
+    trailing.write_text("\n\none\ntwo\nthree\n\n\n", encoding="utf-8")
+    assert detect_text_format(trailing) == "lines"
     dataset, stats = load_texts(path, cache_dir=hf_cache)
     assert texts_of(dataset) == lines
     assert stats.documents_skipped == {"empty": 1}
@@ -432,6 +435,8 @@ def test_second_call_loads_the_cache_without_tokenising(tmp_path, hf_cache, toke
     # Another window size is another cache entry, so it has to tokenise (and here fails to).
     with pytest.raises(AssertionError, match="tokenised again"):
         tokenize_corpus(reread, tokenizer, 32, stats=stats, cache_dir=tmp_path / "tok")
+    with pytest.raises(AssertionError, match="tokenised again"):
+        tokenize_corpus(reread, tokenizer, 16, pack=True, stats=stats, cache_dir=tmp_path / "tok")
     assert not list((tmp_path / "tok").glob(".tokenising-*")), "scratch files were left behind"
 
 
