@@ -19,6 +19,7 @@ libraries do not do: checks that name the bad file and byte offset, cutting long
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import itertools
 import json
@@ -719,22 +720,18 @@ def _load_cached(target: Path, stats: CorpusStats) -> tuple[datasets.Dataset, Co
     return windows, stats
 
 
-class _scratch_dir:
+@contextlib.contextmanager
+def _scratch_dir(cache_dir: str | os.PathLike | None) -> Iterator[Path | None]:
     """A temporary folder inside ``cache_dir`` (None without one), removed on exit."""
-
-    def __init__(self, cache_dir: str | os.PathLike | None) -> None:
-        self.parent = Path(cache_dir) if cache_dir is not None else None
-        self.path: Path | None = None
-
-    def __enter__(self) -> Path | None:
-        if self.parent is not None:
-            self.parent.mkdir(parents=True, exist_ok=True)
-            self.path = Path(tempfile.mkdtemp(prefix=".tokenising-", dir=self.parent))
-        return self.path
-
-    def __exit__(self, *exc: object) -> None:
-        if self.path is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
+    if cache_dir is None:
+        yield None
+        return
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=".tokenising-", dir=cache_dir))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
