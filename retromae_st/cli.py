@@ -1,0 +1,379 @@
+"""The ``retromae-st`` command: pretrain, finetune, evaluate, run a recipe, or the offline quickstart.
+
+User errors (bad input, bad options, missing files) end with exit code 2 and one line that says what is
+wrong and what to do; never a traceback. ``--debug`` shows the traceback anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from retromae_st import __version__
+from retromae_st.errors import UserInputError
+
+logger = logging.getLogger("retromae_st")
+
+EXIT_USER_ERROR = 2
+EXIT_TRAINING_FAILED = 3
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace existing outputs instead of refusing"
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow code shipped inside a model folder to run when loading it (off by default)",
+    )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow pickle (.bin) weights; by default only safetensors are read",
+    )
+
+
+def _training(parser: argparse.ArgumentParser, lr: float, batch: int) -> None:
+    parser.add_argument(
+        "--batch-size", type=int, default=batch, help=f"per-device batch size (default {batch})"
+    )
+    parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
+    parser.add_argument(
+        "--max-steps", type=int, default=-1, help="stop after this many steps (overrides --epochs)"
+    )
+    parser.add_argument("--warmup-ratio", type=float, default=0.1, help="share of steps with rising lr")
+    parser.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (resume point)")
+    parser.add_argument("--logging-steps", type=int, default=10, help="log losses every N steps")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="retromae-st",
+        description="RetroMAE pretraining + contrastive fine-tuning for Sentence-Transformers models.",
+    )
+    parser.add_argument("--version", action="version", version=f"retromae-st {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    quick = commands.add_parser(
+        "quickstart",
+        help="the whole two-stage pipeline on Python's own documentation, offline, in minutes",
+        description="Pretrain a small model with RetroMAE on Python's bundled documentation, fine-tune it on "
+        "(docstring summary, docstring body) pairs, and compare the untrained, stage-1 and stage-2 models "
+        "on held-out pairs. Needs no download.",
+    )
+    quick.add_argument(
+        "--output", default="quickstart-output", help="output folder (default quickstart-output)"
+    )
+    quick.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value"
+    )
+    quick.add_argument("--overwrite", action="store_true", help="start afresh, replacing an earlier run")
+    quick.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+    run = commands.add_parser(
+        "run",
+        help="run every stage of a recipe (skips finished stages, resumes interrupted ones)",
+        description="Run a YAML recipe: model, stage 1, stage 2, evaluation. Re-running the same command after an "
+        "interruption continues from the last checkpoint; finished stages are skipped.",
+    )
+    run.add_argument("recipe", help="path to a recipe YAML file (see recipes/)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe value, e.g. --set pretrain.max_steps=100 (repeatable)")  # fmt: skip
+    run.add_argument(
+        "--output-root", default=".", help="folder the recipe's output_dir is relative to (default .)"
+    )
+    run.add_argument("--check", action="store_true", help="only validate the recipe and print it")
+    run.add_argument("--overwrite", action="store_true", help="start afresh, replacing an earlier run")
+    run.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+    pre = commands.add_parser(
+        "pretrain",
+        help="stage 1: RetroMAE pretraining on unlabeled text",
+        description="Pretrain an encoder with RetroMAE. The result (OUTPUT/final) is a plain Sentence-Transformers "
+        "model with CLS pooling; fine-tune it before using it for search.",
+    )
+    pre.add_argument(
+        "--model", required=True, help="a preset (retromae-tiny/small/base), a model folder or hub name"
+    )
+    pre.add_argument("--corpus", required=True,
+                     help="text/jsonl/json/csv/parquet file, a folder of them, a BEIR folder, or a hub dataset")  # fmt: skip
+    pre.add_argument("--output", required=True, help="output folder")
+    pre.add_argument("--text-column", default="text", help="text column of json/csv/parquet/hub data")
+    pre.add_argument("--hf-config", default=None, help="hub dataset config name")
+    pre.add_argument("--hf-split", default="train", help="hub dataset split")
+    pre.add_argument(
+        "--tokenizer", default=None, help="tokenizer for a preset (default: train one on the corpus)"
+    )
+    pre.add_argument("--vocab-size", type=int, default=8000, help="size of a tokenizer trained on the corpus")
+    pre.add_argument(
+        "--max-seq-length", type=int, default=128, help="window length; longer texts are cut into windows"
+    )
+    pre.add_argument("--pack", action="store_true", help="pack short documents into full windows")
+    pre.add_argument(
+        "--encoder-mask-ratio", type=float, default=0.3, help="encoder masking ratio (0-1, default 0.3)"
+    )
+    pre.add_argument(
+        "--decoder-mask-ratio", type=float, default=0.5, help="decoder masking ratio (0-1, default 0.5)"
+    )
+    pre.add_argument("--decoding", choices=["enhanced", "basic"], default="enhanced", help="decoder variant")
+    pre.add_argument("--decoder-layers", type=int, default=1, help="decoder layers (default 1)")
+    pre.add_argument("--bow-weight", type=float, default=0.0, help="DupMAE bag-of-words weight (0 = off)")
+    _training(pre, lr=1e-4, batch=32)
+    _common(pre)
+
+    fine = commands.add_parser(
+        "finetune",
+        help="stage 2: MultipleNegativesRankingLoss on (query, positive) pairs",
+        description="Fine-tune a model (usually a stage-1 model) contrastively with in-batch negatives.",
+    )
+    fine.add_argument(
+        "--model", required=True, help="model folder or hub name (e.g. OUTPUT/final of pretrain)"
+    )
+    fine.add_argument(
+        "--train", required=True, help="a BEIR folder (uses --split qrels), a pair file, or a hub dataset"
+    )
+    fine.add_argument("--output", required=True, help="output folder")
+    fine.add_argument("--split", default="train", help="qrels split / hub split of the training pairs")
+    fine.add_argument(
+        "--dev", default=None, help="BEIR folder to evaluate during training (keeps the best checkpoint)"
+    )
+    fine.add_argument("--dev-split", default="dev", help="qrels split of --dev")
+    fine.add_argument("--max-pairs", type=int, default=None, help="use at most this many training pairs")
+    fine.add_argument(
+        "--loss", choices=["mnrl", "cached_mnrl"], default="mnrl", help="cached_mnrl for big batches"
+    )
+    fine.add_argument("--hard-negatives", type=int, default=0, help="mine this many hard negatives per pair")
+    fine.add_argument("--max-seq-length", type=int, default=None, help="truncate inputs to this length")
+    _training(fine, lr=2e-5, batch=64)
+    _common(fine)
+
+    ev = commands.add_parser(
+        "evaluate",
+        help="retrieval evaluation (FAISS on BEIR folders, MTEB tasks) into a report",
+        description="Evaluate one or more models and write report.md, report.json and plots to --output.",
+    )
+    ev.add_argument("--model", action="append", required=True, help="model folder or hub name (repeatable)")
+    ev.add_argument("--beir", action="append", default=[], help="BEIR folder to evaluate (repeatable)")
+    ev.add_argument("--mteb", action="append", default=[], help="MTEB task name or BEIR folder as MTEB task")
+    ev.add_argument("--split", default="test", help="qrels split (default test)")
+    ev.add_argument("--index", default="flat", help="flat (exact), hnsw, ivfpq or a faiss factory string")
+    ev.add_argument("--batch-size", type=int, default=64, help="encoding batch size")
+    ev.add_argument("--cache-dir", default=None, help="cache embeddings and MTEB scores here")
+    ev.add_argument("--training-log", action="append", default=[], metavar="LABEL=PATH",
+                    help="plot a trainer_state.json / training_log.json as LABEL (repeatable)")  # fmt: skip
+    ev.add_argument("--output", required=True, help="report folder")
+    _common(ev)
+    return parser
+
+
+# -- commands -------------------------------------------------------------------------------------------
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from retromae_st.pipeline import run_recipe, summary_lines
+    from retromae_st.recipes import bundled_recipe, load_recipe
+
+    recipe = load_recipe(bundled_recipe("quickstart"), args.set)
+    output = Path(args.output).resolve()
+    outputs = run_recipe(recipe, output, overwrite=args.overwrite, command=_command_line())
+    _print_report(output / "report")
+    for line in summary_lines(outputs, output / "report"):
+        print(line)
+    print(f'Use it: SentenceTransformer("{output / "stage2" / "final"}").encode(["your text"])')
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from retromae_st.pipeline import run_recipe, summary_lines
+    from retromae_st.recipes import load_recipe, resolve_output
+
+    recipe = load_recipe(args.recipe, args.set)
+    output = resolve_output(args.output_root, recipe.output_dir)
+    if args.check:
+        print(yaml.safe_dump(recipe.model_dump(), sort_keys=False), end="")
+        print(f"# output: {output}")
+        return 0
+    export = resolve_output(args.output_root, recipe.export) if recipe.export else None
+    outputs = run_recipe(recipe, output, overwrite=args.overwrite, command=_command_line(), export_to=export)
+    for line in summary_lines(outputs, output / "report"):
+        print(line)
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from retromae_st.corpus import load_texts, tokenize_corpus
+    from retromae_st.io import ensure_can_write
+    from retromae_st.models import PRESETS, build_model, load_encoder, train_wordpiece_tokenizer
+    from retromae_st.pipeline import add_file_logging
+    from retromae_st.training import pretrain
+
+    output = Path(args.output)
+    ensure_can_write(output / "final", args.overwrite)
+    add_file_logging(output)
+    dataset, stats = load_texts(
+        args.corpus, text_column=args.text_column, hf_config=args.hf_config, hf_split=args.hf_split
+    )
+    logger.info("Corpus: %s", stats.summary())
+    if args.model in PRESETS:
+        if args.tokenizer:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(
+                args.tokenizer, trust_remote_code=args.trust_remote_code
+            )
+        else:
+            tokenizer = train_wordpiece_tokenizer(dataset["text"], vocab_size=args.vocab_size)
+        model = build_model(
+            args.model,
+            tokenizer,
+            max_seq_length=args.max_seq_length,
+            save_dir=output / "init",
+            seed=args.seed,
+        )
+    else:
+        model = load_encoder(
+            args.model, max_seq_length=args.max_seq_length, trust_remote_code=args.trust_remote_code,
+            allow_pickle=args.allow_pickle,
+        )  # fmt: skip
+    windows, stats = tokenize_corpus(
+        dataset, model.tokenizer, model.max_seq_length, pack=args.pack, cache_dir=output / "cache"
+    )
+    logger.info("Windows: %s", stats.summary())
+    pretrain(
+        model,
+        windows,
+        output,
+        loss_kwargs={
+            "encoder_mask_ratio": args.encoder_mask_ratio,
+            "decoder_mask_ratio": args.decoder_mask_ratio,
+            "decoding": args.decoding,
+            "decoder_layers": args.decoder_layers,
+            "bow_weight": args.bow_weight,
+        },
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        warmup_ratio=args.warmup_ratio,
+        save_steps=args.save_steps,
+        logging_steps=args.logging_steps,
+        seed=args.seed,
+        bf16=args.bf16,
+        overwrite=args.overwrite,
+    )
+    print(f"model: {output / 'final'}")
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from retromae_st.finetune import dev_evaluator, finetune, load_pairs, mine_negatives
+    from retromae_st.models import load_encoder
+    from retromae_st.pipeline import add_file_logging
+
+    model = load_encoder(
+        args.model, max_seq_length=args.max_seq_length, trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle,
+    )  # fmt: skip
+    output = Path(args.output)
+    add_file_logging(output)
+    pairs = load_pairs(args.train, split=args.split, max_pairs=args.max_pairs, seed=args.seed)
+    if args.hard_negatives:
+        pairs = mine_negatives(pairs, model, num_negatives=args.hard_negatives)
+    evaluator = dev_evaluator(args.dev, split=args.dev_split) if args.dev else None
+    finetune(
+        model, pairs, output, evaluator=evaluator, loss=args.loss, batch_size=args.batch_size,
+        learning_rate=args.lr, epochs=args.epochs, max_steps=args.max_steps, warmup_ratio=args.warmup_ratio,
+        save_steps=args.save_steps, logging_steps=args.logging_steps, seed=args.seed, bf16=args.bf16,
+        overwrite=args.overwrite, train_dataset_name=args.train,
+    )  # fmt: skip
+    print(f"model: {output / 'final'}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from retromae_st.evaluation import evaluate
+
+    logs: dict[str, Any] = {}
+    for item in args.training_log:
+        label, sep, path = item.partition("=")
+        if not sep:
+            raise UserInputError(f"--training-log {item!r} must look like LABEL=PATH")
+        logs[label] = path
+    evaluate(
+        args.model,
+        output_dir=args.output,
+        beir_folders=args.beir,
+        mteb_tasks=args.mteb,
+        split=args.split,
+        index=args.index,
+        batch_size=args.batch_size,
+        cache_dir=args.cache_dir,
+        training_logs=logs,
+        command=_command_line(),
+        overwrite=args.overwrite,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+    )
+    _print_report(Path(args.output))
+    print(f"report: {Path(args.output) / 'report.md'}")
+    return 0
+
+
+def _print_report(folder: Path) -> None:
+    report = folder / "report.md"
+    if report.is_file():
+        print(report.read_text(encoding="utf-8"))
+
+
+def _command_line() -> str:
+    return " ".join(shlex.quote(part) for part in ["retromae-st", *sys.argv[1:]])
+
+
+COMMANDS = {
+    "quickstart": _cmd_quickstart,
+    "run": _cmd_run,
+    "pretrain": _cmd_pretrain,
+    "finetune": _cmd_finetune,
+    "evaluate": _cmd_evaluate,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from retromae_st.loss import NonFiniteLossError
+
+    try:
+        return COMMANDS[args.command](args)
+    except NonFiniteLossError as error:
+        if args.debug:
+            raise
+        print(f"retromae-st: training stopped: {error}", file=sys.stderr)
+        return EXIT_TRAINING_FAILED
+    except (UserInputError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError) as error:
+        # ValueError: the loss's and the libraries' option checks; all name the offending value.
+        if args.debug:
+            raise
+        message = str(error).replace("\n", " ").strip() or type(error).__name__
+        print(f"retromae-st: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("retromae-st: interrupted; run the same command again to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""The recipe: one YAML file that describes a whole run, validated against a typed schema first.
+
+A recipe names the model, stage 1 (RetroMAE pretraining), stage 2 (contrastive fine-tuning), the
+evaluation and the output folder. It is read with ``yaml.safe_load`` semantics (no Python objects), then
+validated by pydantic models with ``extra="forbid"``: an unknown key or a wrong type is an error that
+names the key and its line in the file, before anything runs. Any value can be overridden from the
+command line with ``--set stage.key=value``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from retromae_st.errors import UserInputError
+
+PYTHON_DOCS = "python-docs"  # the embedded corpus and pairs of the offline quickstart
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+
+
+class ModelSection(_Section):
+    """Where the encoder comes from: a preset from scratch, or an existing encoder."""
+
+    preset: Literal["retromae-tiny", "retromae-small", "retromae-base"] | None = None
+    name_or_path: str | None = Field(default=None, description="existing encoder: a folder or a hub name")
+    tokenizer: str | None = Field(
+        default=None, description="tokenizer folder or hub name; default: train one"
+    )
+    vocab_size: int = Field(default=8000, ge=50, description="size of a tokenizer trained on the corpus")
+    lowercase: bool = True
+    max_seq_length: int = Field(default=128, ge=8)
+    pooling: Literal["cls", "mean"] = "cls"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSection:
+        if (self.preset is None) == (self.name_or_path is None):
+            raise ValueError(
+                "set exactly one of model.preset (from scratch) or model.name_or_path (existing encoder)"
+            )
+        return self
+
+
+class RetroMAEOptions(_Section):
+    encoder_mask_ratio: float = Field(default=0.3, gt=0, lt=1)
+    decoder_mask_ratio: float = Field(default=0.5, gt=0, lt=1)
+    decoding: Literal["enhanced", "basic"] = "enhanced"
+    decoder_layers: int = Field(default=1, ge=1)
+    decoder_heads: int | None = Field(default=None, ge=1)
+    bow_weight: float = Field(default=0.0, ge=0)
+
+
+class PretrainSection(_Section):
+    """Stage 1: RetroMAE pretraining on unlabeled text."""
+
+    enabled: bool = True
+    corpus: str = Field(
+        default="", description="text files, a folder, a BEIR folder, a hub dataset or 'python-docs'"
+    )
+    text_column: str = "text"
+    hf_config: str | None = None
+    hf_split: str = "train"
+    max_documents: int | None = Field(default=None, ge=1)
+    pack: bool = False
+    loss: RetroMAEOptions = RetroMAEOptions()
+    batch_size: int = Field(default=32, ge=1)
+    learning_rate: float = Field(default=1e-4, gt=0)
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int = -1
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    weight_decay: float = Field(default=0.01, ge=0)
+    max_grad_norm: float = Field(default=1.0, ge=0)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    gradient_checkpointing: bool = False
+    save_steps: int = Field(default=500, ge=1)
+    logging_steps: int = Field(default=10, ge=1)
+    bf16: bool = False
+    fp16: bool = False
+    dataloader_num_workers: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _needs_corpus(self) -> PretrainSection:
+        if self.enabled and not self.corpus:
+            raise ValueError("pretrain.corpus is required when pretrain.enabled is true")
+        return self
+
+
+class HardNegatives(_Section):
+    enabled: bool = False
+    num_negatives: int = Field(default=1, ge=1)
+    range_max: int = Field(default=50, ge=1)
+    relative_margin: float | None = 0.05
+
+
+class FinetuneSection(_Section):
+    """Stage 2: MultipleNegativesRankingLoss on (query, positive[, negatives]) pairs."""
+
+    enabled: bool = True
+    train: str = Field(default="", description="a BEIR folder, a pair file, a hub dataset or 'python-docs'")
+    split: str = "train"
+    hf_config: str | None = None
+    query_column: str | None = None
+    positive_column: str | None = None
+    max_pairs: int | None = Field(default=None, ge=1)
+    dev: str | None = Field(
+        default=None, description="BEIR folder evaluated during training (best checkpoint)"
+    )
+    dev_split: str = "dev"
+    dev_max_corpus: int | None = Field(default=None, ge=1)
+    dev_max_queries: int | None = Field(default=None, ge=1)
+    hard_negatives: HardNegatives = HardNegatives()
+    loss: Literal["mnrl", "cached_mnrl"] = "mnrl"
+    mini_batch_size: int = Field(default=32, ge=1)
+    scale: float = Field(default=20.0, gt=0)
+    batch_size: int = Field(default=64, ge=2)
+    learning_rate: float = Field(default=2e-5, gt=0)
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int = -1
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    eval_steps: int | None = Field(default=None, ge=1)
+    save_steps: int = Field(default=500, ge=1)
+    logging_steps: int = Field(default=10, ge=1)
+    bf16: bool = False
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _needs_train(self) -> FinetuneSection:
+        if self.enabled and not self.train:
+            raise ValueError("finetune.train is required when finetune.enabled is true")
+        return self
+
+
+class EvaluationSection(_Section):
+    """Retrieval evaluation of the stage-1 and stage-2 models (and baselines) in one report."""
+
+    enabled: bool = True
+    beir: list[str] = Field(
+        default_factory=list, description="BEIR folders (or 'python-docs' held-out pairs)"
+    )
+    split: str = "test"
+    mteb: list[str] = Field(default_factory=list, description="MTEB task names (need the hub)")
+    baselines: list[str] = Field(default_factory=list, description="other model folders to compare against")
+    compare_untrained: bool = True
+    index: str = "flat"
+    batch_size: int = Field(default=64, ge=1)
+
+
+class Recipe(_Section):
+    """A whole run."""
+
+    name: str = "run"
+    output_dir: str = Field(description="where everything is written, relative to the output root")
+    export: str | None = Field(
+        default=None, description="also write the final model here (relative to the output root)"
+    )
+    seed: int = 42
+    model: ModelSection
+    pretrain: PretrainSection = PretrainSection(enabled=False)
+    finetune: FinetuneSection = FinetuneSection(enabled=False)
+    evaluation: EvaluationSection = EvaluationSection(enabled=False)
+
+
+# -- loading ------------------------------------------------------------------------------------------
+
+
+def _line_index(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in the YAML document to its 1-based line, for error messages."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                child = (*path, str(key.value))
+                lines[child] = key.start_mark.line + 1
+                walk(value, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                lines[(*path, str(index))] = item.start_mark.line + 1
+                walk(item, (*path, str(index)))
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _format_errors(error: ValidationError, source: str, lines: dict[tuple[str, ...], int]) -> str:
+    messages = []
+    for item in error.errors():
+        path = tuple(str(part) for part in item["loc"])
+        line = next((lines[path[:n]] for n in range(len(path), 0, -1) if path[:n] in lines), None)
+        key = ".".join(path) or "(top level)"
+        where = f"{source}:{line}" if line else source
+        if item["type"] == "extra_forbidden":
+            messages.append(
+                f"{where}: unknown key {key!r}; check its spelling (see the recipe reference in README)"
+            )
+        elif item["type"] == "missing":
+            messages.append(f"{where}: missing required key {key!r}")
+        else:
+            messages.append(f"{where}: {key}: {item['msg']} (got {item.get('input')!r})")
+    return "; ".join(messages)
+
+
+def parse_override(assignment: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as a YAML scalar)."""
+    if "=" not in assignment:
+        raise UserInputError(f"override {assignment!r} must look like section.key=value")
+    key, raw = assignment.split("=", 1)
+    if not key.strip():
+        raise UserInputError(f"override {assignment!r} has no key")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for assignment in overrides:
+        path, value = parse_override(assignment)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserInputError(f"override {assignment!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; every problem is a UserInputError naming key and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"recipe {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserInputError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    try:
+        data = yaml.safe_load(text)
+        lines = _line_index(text)
+    except yaml.YAMLError as error:
+        raise UserInputError(f"{path}: invalid YAML: {error}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"{path}: a recipe is a mapping of sections (model, pretrain, finetune, ...)")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise UserInputError(_format_errors(error, str(path), lines)) from None
+
+
+def resolve_output(root: str | os.PathLike, output_dir: str) -> Path:
+    """The recipe's output folder under ``root``; a recipe cannot write outside the root it is given."""
+    root = Path(root).resolve()
+    candidate = Path(output_dir)
+    if candidate.is_absolute():
+        raise UserInputError(
+            f"output_dir {output_dir!r} is absolute: recipes name a folder relative to the output root "
+            f"({root}); choose the root with --output-root."
+        )
+    target = (root / candidate).resolve()
+    if target != root and root not in target.parents:
+        raise UserInputError(f"output_dir {output_dir!r} escapes the output root {root}; remove the '..'.")
+    if target == root:
+        raise UserInputError("output_dir must name a folder inside the output root, not the root itself.")
+    return target
+
+
+def bundled_recipe(name: str) -> Path:
+    """A recipe shipped inside the package (the quickstart), usable from any working directory."""
+    return Path(__file__).parent / "bundled" / f"{name}.yaml"
