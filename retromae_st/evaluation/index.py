@@ -90,6 +90,16 @@ def set_search_params(index: faiss.Index, params: str | None) -> None:
             raise UserInputError(f"cannot set search parameter {item!r} on this index: {error}") from None
 
 
+def _skip_polysemous_training(index: faiss.Index) -> None:
+    """Turn off faiss's polysemous PQ training: it only serves Hamming pre-filtering, which we never use,
+    and makes training IVF-PQ about 40x slower (minutes instead of seconds on 5,000 vectors)."""
+    inner = faiss.downcast_index(index)
+    with contextlib.suppress(RuntimeError):
+        inner = faiss.downcast_index(faiss.extract_index_ivf(index))
+    if hasattr(inner, "do_polysemous_training"):
+        inner.do_polysemous_training = False
+
+
 def train_template(
     sample: np.ndarray, index: str = "flat", *, count: int | None = None, seed: int = 0
 ) -> faiss.Index:
@@ -105,6 +115,7 @@ def train_template(
         built = faiss.index_factory(sample.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as error:
         raise UserInputError(f"faiss cannot build index {factory!r}: {str(error).splitlines()[-1]}") from None
+    _skip_polysemous_training(built)
     if not built.is_trained:
         if len(sample) > MAX_TRAIN:
             sample = sample[np.random.default_rng(seed).choice(len(sample), MAX_TRAIN, replace=False)]
