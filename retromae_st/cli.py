@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from retromae_st import __version__
-from retromae_st.errors import UserInputError
+from retromae_st.errors import NonFiniteLossError, UserInputError
 
 logger = logging.getLogger("retromae_st")
 
@@ -196,10 +196,11 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     import yaml
 
-    from retromae_st.pipeline import run_recipe, summary_lines
     from retromae_st.recipes import load_recipe, resolve_output
 
-    recipe = load_recipe(args.recipe, args.set)
+    recipe = load_recipe(args.recipe, args.set)  # validate before the heavy imports below
+    from retromae_st.pipeline import run_recipe, summary_lines
+
     output = resolve_output(args.output_root, recipe.output_dir)
     if args.check:
         print(yaml.safe_dump(recipe.model_dump(), sort_keys=False), end="")
@@ -354,8 +355,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from retromae_st.loss import NonFiniteLossError
-
     try:
         return COMMANDS[args.command](args)
     except NonFiniteLossError as error:

@@ -9,3 +9,7 @@ from __future__ import annotations
 
 class UserInputError(ValueError):
     """Bad input or configuration. The message names the file, key or value and says what to do."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss component became NaN or infinite; training stops before the optimizer applies it."""

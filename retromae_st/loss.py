@@ -18,6 +18,7 @@ from torch import nn
 
 from retromae_st.decoder import RetroMAEDecoder
 from retromae_st.encoders import EncoderAdapter, adapt_encoder
+from retromae_st.errors import NonFiniteLossError
 from retromae_st.heads import ChunkedMaxPooledLogits, MLMHead, bag_of_words_loss, default_chunk_rows
 from retromae_st.masking import (
     IGNORE_INDEX,
@@ -34,9 +35,7 @@ logger = logging.getLogger(__name__)
 
 LOSS_WEIGHTS_NAME = "retromae_loss.safetensors"
 
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss component became NaN or infinite; training stops before the optimizer applies it."""
+__all__ = ["LOSS_WEIGHTS_NAME", "NonFiniteLossError", "RetroMAELoss"]
 
 
 class RetroMAELoss(nn.Module):
