@@ -40,6 +40,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from retromae_st.beir import load_beir
 from retromae_st.errors import UserInputError
 from retromae_st.io import atomic_dir, atomic_write_json, ensure_can_write
+from retromae_st.loss import RETROMAE_CITATION
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +49,6 @@ QUERY_COLUMNS = ("anchor", "query", "question", "sentence1")
 POSITIVE_COLUMNS = ("positive", "passage", "document", "answer", "pos", "sentence2")
 PAIR_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 TRAINING_LOG = "training_log.json"
-
-RETROMAE_CITATION = """
-@inproceedings{xiao-etal-2022-retromae,
-    title = "{R}etro{MAE}: Pre-Training Retrieval-oriented Language Models Via Masked Auto-Encoder",
-    author = "Xiao, Shitao and Liu, Zheng and Shao, Yingxia and Cao, Zhao",
-    booktitle = "Proceedings of the 2022 Conference on Empirical Methods in Natural Language Processing",
-    year = "2022",
-    url = "https://arxiv.org/abs/2205.12035",
-}
-"""
 
 
 # --------------------------------------------------------------------------------------------------

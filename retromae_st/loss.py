@@ -35,7 +35,19 @@ logger = logging.getLogger(__name__)
 
 LOSS_WEIGHTS_NAME = "retromae_loss.safetensors"
 
-__all__ = ["LOSS_WEIGHTS_NAME", "NonFiniteLossError", "RetroMAELoss"]
+__all__ = ["LOSS_WEIGHTS_NAME", "NonFiniteLossError", "RETROMAE_CITATION", "RetroMAELoss"]
+
+RETROMAE_CITATION = """
+@inproceedings{xiao-etal-2022-retromae,
+    title = "{R}etro{MAE}: Pre-Training Retrieval-oriented Language Models Via Masked Auto-Encoder",
+    author = "Xiao, Shitao and Liu, Zheng and Shao, Yingxia and Cao, Zhao",
+    booktitle = "Proceedings of the 2022 Conference on Empirical Methods in Natural Language Processing",
+    year = "2022",
+    publisher = "Association for Computational Linguistics",
+    pages = "538--548",
+    url = "https://arxiv.org/abs/2205.12035",
+}
+"""
 
 
 class RetroMAELoss(nn.Module):
@@ -379,17 +391,7 @@ class RetroMAELoss(nn.Module):
 
     @property
     def citation(self) -> str:
-        return """
-@inproceedings{xiao-etal-2022-retromae,
-    title = "{R}etro{MAE}: Pre-Training Retrieval-oriented Language Models Via Masked Auto-Encoder",
-    author = "Xiao, Shitao and Liu, Zheng and Shao, Yingxia and Cao, Zhao",
-    booktitle = "Proceedings of the 2022 Conference on Empirical Methods in Natural Language Processing",
-    year = "2022",
-    publisher = "Association for Computational Linguistics",
-    pages = "538--548",
-    url = "https://arxiv.org/abs/2205.12035",
-}
-"""
+        return RETROMAE_CITATION
 
 
 def _check_ratio(name: str, value: float) -> None:
