@@ -598,7 +598,13 @@ def _last_checkpoint(checkpoint_dir: Path, resume: bool, overwrite: bool) -> str
     if last is None:
         return None
     if resume:
-        return last
+        # A checkpoint cut short by a crash has no trainer_state.json (written last): resume from the one before.
+        from retromae_st.training import last_complete_checkpoint
+
+        complete = last_complete_checkpoint(checkpoint_dir)
+        if complete is None:
+            logger.warning("No complete checkpoint in %s; starting from scratch.", checkpoint_dir)
+        return str(complete) if complete is not None else None
     if not overwrite:
         raise UserInputError(
             f"{checkpoint_dir} holds checkpoints of an earlier run ({Path(last).name}): resume it (resume=True), "
