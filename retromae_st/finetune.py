@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from datasets import Dataset, DatasetInfo
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.evaluation import BaseEvaluator
@@ -38,7 +39,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from retromae_st.beir import load_beir
-from retromae_st.errors import UserInputError
+from retromae_st.errors import NonFiniteLossError, UserInputError
 from retromae_st.io import atomic_dir, atomic_write_json, ensure_can_write
 from retromae_st.loss import RETROMAE_CITATION
 
@@ -403,6 +404,38 @@ class _EffectiveBatchLogger(TrainerCallback):
         )
 
 
+class _NonFiniteLossGuard(TrainerCallback):
+    """Stops training with :class:`NonFiniteLossError` when the loss is NaN or infinite.
+
+    A forward hook on the loss checks each training loss as it is computed, so the error is raised before
+    the backward pass and the optimizer step: the last checkpoint keeps the last good weights.
+    """
+
+    def __init__(self, loss: nn.Module) -> None:
+        self.name = type(loss).__name__
+        self.step: int | None = None
+        loss.register_forward_hook(self._check)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step + 1
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.step = None
+
+    def _check(self, module, inputs, output):
+        if self.step is None or not torch.is_grad_enabled():
+            return  # outside training (evaluation loss): not our business
+        values = output.values() if isinstance(output, dict) else [output]
+        for value in values:
+            if isinstance(value, torch.Tensor) and not torch.isfinite(value.detach()).all():
+                bad = value.detach()[~torch.isfinite(value.detach())].reshape(-1)[0].item()
+                raise NonFiniteLossError(
+                    f"the {self.name} loss became {bad} at step {self.step}; training stopped before applying "
+                    "it, so the last checkpoint is intact. Usual causes: a learning rate that is too high (lower "
+                    "it or add warmup), fp16 overflow (use bf16 or fp32), or corrupt input."
+                )
+
+
 def build_loss(
     model: SentenceTransformer, loss: str = "mnrl", *, scale: float = 20.0, mini_batch_size: int = 32
 ) -> nn.Module:
@@ -549,6 +582,7 @@ def finetune(
             _EffectiveBatchLogger(
                 type(loss_module).__name__, mini_batch_size if loss == "cached_mnrl" else None
             ),
+            _NonFiniteLossGuard(loss_module),
             *callbacks,
         ],
     )
