@@ -42,6 +42,7 @@ from retromae_st.beir import load_beir
 from retromae_st.errors import NonFiniteLossError, UserInputError
 from retromae_st.io import atomic_dir, atomic_write_json, ensure_can_write
 from retromae_st.loss import RETROMAE_CITATION
+from retromae_st.training import launcher_args
 
 logger = logging.getLogger(__name__)
 
@@ -561,6 +562,8 @@ def finetune(
         "dataloader_num_workers": dataloader_num_workers,
         "dataloader_drop_last": dataloader_drop_last,
         "report_to": "none",
+        # Under torchrun / accelerate launch on CPU-only machines the trainer needs use_cpu=True to set up DDP.
+        **launcher_args(),
     }
     if evaluator is not None:
         arguments |= {
@@ -590,7 +593,8 @@ def finetune(
         logger.info("Resuming from %s.", last_checkpoint)
     trainer.train(resume_from_checkpoint=last_checkpoint)
     model = trainer.model
-    _save_final(model, trainer, final_dir, overwrite, metric, stage1_info)
+    if trainer.is_world_process_zero():  # one writer: every rank holds the same weights
+        _save_final(model, trainer, final_dir, overwrite, metric, stage1_info)
     return model
 
 
