@@ -1,0 +1,59 @@
+"""Scale-out on CPU: stage 2 under torchrun, and the CLI under accelerate launch, with two processes.
+
+(RetroMAE pretraining under torchrun is tested in tests/test_training.py; sharded encoding and per-part
+FAISS indexes merged into one in tests/test_evaluation_encode.py and tests/test_evaluation_index.py.)
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+WORKERS = Path(__file__).resolve().parent / "workers"
+BIN = Path(sys.executable).parent
+
+
+def _env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_finetune_under_torchrun_ends_identical_and_reports_the_effective_batch(tmp_path):
+    result = subprocess.run(
+        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         str(WORKERS / "ddp_finetune.py"), str(tmp_path)],
+        env=_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = load_file(str(tmp_path / "rank0.safetensors"))
+    rank1 = load_file(str(tmp_path / "rank1.safetensors"))
+    init0 = load_file(str(tmp_path / "init0" / "model.safetensors"))
+    init1 = load_file(str(tmp_path / "init1" / "model.safetensors"))
+    assert any(not torch.equal(init0[k], init1[k]) for k in init0)  # the ranks did start apart
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    assert any(not torch.equal(init0[k], rank0["0.model." + k]) for k in init0)  # and training moved them
+    assert "Effective batch size 16 (8 per device x 1 gradient accumulation x 2 processes)" in result.stderr
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    assert not [p for p in (tmp_path / "run").iterdir() if ".tmp-" in p.name]
