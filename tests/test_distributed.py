@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, make_texts
 from safetensors.torch import load_file
+
+from retromae_st.models import build_model
 
 WORKERS = Path(__file__).resolve().parent / "workers"
 BIN = Path(sys.executable).parent
@@ -55,5 +58,28 @@ def test_finetune_under_torchrun_ends_identical_and_reports_the_effective_batch(
         assert torch.equal(rank0[key], rank1[key]), key
     assert any(not torch.equal(init0[k], rank0["0.model." + k]) for k in init0)  # and training moved them
     assert "Effective batch size 16 (8 per device x 1 gradient accumulation x 2 processes)" in result.stderr
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    assert not [p for p in (tmp_path / "run").iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.slow
+def test_cli_pretrain_under_accelerate_launch_uses_two_processes(tmp_path, tokenizer):
+    (tmp_path / "corpus.txt").write_text("\n".join(make_texts(64, seed=3)) + "\n")
+    build_model(TINY, tokenizer, max_seq_length=32, save_dir=tmp_path / "init", seed=0).save(
+        str(tmp_path / "model")
+    )
+    # accelerate 1.x: `--cpu --num_processes 2` starts a single process unless mpirun is set up; the
+    # multi-process launcher (torch.distributed.run underneath) works on CPU because the trainer gets
+    # use_cpu=True from retromae_st.training.launcher_args() and picks gloo.
+    result = subprocess.run(
+        [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+         "-m", "retromae_st.cli", "pretrain", "--model", str(tmp_path / "model"),
+         "--corpus", str(tmp_path / "corpus.txt"), "--output", str(tmp_path / "run"), "--batch-size", "8",
+         "--max-steps", "4", "--save-steps", "2", "--logging-steps", "1", "--lr", "1e-3"],
+        env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "effective batch size 16 (8 per device x 1 accumulation x 2 processes)" in result.stderr
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
     assert not [p for p in (tmp_path / "run").iterdir() if ".tmp-" in p.name]
