@@ -43,6 +43,13 @@ class Run:
     def __init__(self, recipe: Recipe, folder: str | os.PathLike) -> None:
         self.recipe = recipe
         self.folder = Path(folder)
+        self._corpus: Dataset | None = None
+
+    def corpus(self) -> Dataset:
+        """The stage-1 corpus, read once per run (the tokenizer and stage 1 both need it)."""
+        if self._corpus is None:
+            self._corpus = corpus_dataset(self.recipe)
+        return self._corpus
 
     init = property(lambda self: self.folder / "init")
     stage1 = property(lambda self: self.folder / "stage1")
@@ -131,7 +138,7 @@ def initial_model(run: Run) -> SentenceTransformer:
 
         tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer, trust_remote_code=spec.trust_remote_code)
     else:
-        texts = tokenizer_texts(run.recipe)
+        texts = tokenizer_texts(run)
         logger.info("Training a %d-entry WordPiece tokenizer on %d texts", spec.vocab_size, len(texts))
         tokenizer = train_wordpiece_tokenizer(texts, vocab_size=spec.vocab_size, lowercase=spec.lowercase)
     with atomic_dir(run.init, overwrite=True) as tmp:
@@ -144,13 +151,12 @@ def initial_model(run: Run) -> SentenceTransformer:
     return SentenceTransformer(str(run.init), model_kwargs={"use_safetensors": True})
 
 
-def tokenizer_texts(recipe: Recipe) -> list[str]:
+def tokenizer_texts(run: Run) -> list[str]:
     """The text a from-scratch tokenizer is trained on: the pretraining corpus, else the training pairs."""
-    if recipe.pretrain.enabled:
-        dataset = corpus_dataset(recipe)
-        return dataset["text"]
-    if recipe.finetune.enabled:
-        pairs, _ = pair_datasets(recipe, None)
+    if run.recipe.pretrain.enabled:
+        return run.corpus()["text"]
+    if run.recipe.finetune.enabled:
+        pairs, _ = pair_datasets(run.recipe, None)
         return [*pairs["anchor"], *pairs["positive"]]
     raise UserInputError(
         "model.preset needs text to train a tokenizer: enable pretrain or finetune, or set model.tokenizer."
@@ -191,7 +197,7 @@ def stage1(run: Run, model: SentenceTransformer) -> SentenceTransformer:
         return SentenceTransformer(str(final), model_kwargs={"use_safetensors": True})
     spec = run.recipe.pretrain
     windows, stats = tokenize_corpus(
-        corpus_dataset(run.recipe),
+        run.corpus(),
         model.tokenizer,
         model.max_seq_length,
         pack=spec.pack,
