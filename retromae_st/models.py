@@ -177,6 +177,13 @@ def load_encoder(
                 str(path), trust_remote_code=trust_remote_code, model_kwargs=kwargs, local_files_only=_offline()
             )
             if max_seq_length is not None:
+                config = getattr(getattr(model[0], "auto_model", None), "config", None)
+                positions = getattr(config, "max_position_embeddings", None)
+                if positions is not None and max_seq_length > positions:
+                    raise UserInputError(
+                        f"max_seq_length={max_seq_length} exceeds the {positions} positions of {name_or_path}: "
+                        f"use max_seq_length <= {positions}."
+                    )
                 model.max_seq_length = max_seq_length
             return model
         return _assemble(
