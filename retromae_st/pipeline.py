@@ -88,6 +88,7 @@ def run_recipe(
     ``export_to`` (the recipe's ``export``, resolved by the caller) receives a copy of the last stage's
     model, so ``SentenceTransformer(export_to)`` loads the result directly.
     """
+    check_inputs(recipe)
     run = Run(recipe, folder)
     if overwrite and run.folder.exists():
         shutil.rmtree(run.folder)
@@ -111,6 +112,32 @@ def run_recipe(
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
+
+
+def check_inputs(recipe: Recipe) -> None:
+    """Fail before anything runs when a local file or folder the recipe names does not exist.
+
+    (Otherwise a typo in ``finetune.train`` or ``evaluation.beir`` would only show after stage 1 trained.)
+    Names that may be hub datasets are left to the loaders.
+    """
+    from retromae_st.corpus import _looks_like_path
+
+    named: list[tuple[str, str, bool]] = []
+    if recipe.pretrain.enabled and recipe.pretrain.corpus != PYTHON_DOCS:
+        named.append(("pretrain.corpus", recipe.pretrain.corpus, _looks_like_path(recipe.pretrain.corpus)))
+    if recipe.finetune.enabled:
+        train = recipe.finetune.train
+        if train != PYTHON_DOCS:
+            named.append(("finetune.train", train, _looks_like_path(train) or train.lower().endswith(".tsv")))
+        if recipe.finetune.dev not in (None, PYTHON_DOCS):
+            named.append(("finetune.dev", recipe.finetune.dev, True))  # a BEIR folder: always local
+    if recipe.evaluation.enabled:
+        named += [("evaluation.beir", b, True) for b in recipe.evaluation.beir if b != PYTHON_DOCS]
+    for key, value, local in named:
+        if local and not Path(value).expanduser().exists():
+            raise UserInputError(
+                f"{key}: {value} does not exist; fix the path in the recipe (nothing was run)."
+            )
 
 
 # -- model ----------------------------------------------------------------------------------------------
