@@ -1,0 +1,595 @@
+"""Benchmark: does RetroMAE pretraining pay off after contrastive fine-tuning?
+
+From one from-scratch model and corpus-trained tokenizer per seed, stage 1 runs one of:
+
+* ``retromae``: :class:`retromae_st.loss.RetroMAELoss` (CLS pooling);
+* ``mlm``: the same whole-word encoder masking and MLM head, no decoder (``MLMOnlyLoss`` below, CLS pooling);
+* ``tsdae``: Sentence-Transformers' ``DenoisingAutoEncoderLoss`` on (60%-deleted text, text) pairs (CLS);
+* ``none-cls`` / ``none-mean``: no pretraining, CLS or mean pooling (from random init CLS pooling hardly
+  learns under MNRL, mean pooling does, so the mean-pooled baseline is the one to beat).
+
+Stage 1 runs at equal steps (``--stage1-steps`` for every arm) and at equal wall-clock (``mlm@time`` and
+``tsdae@time`` get as many steps as fit in the time ``retromae`` took, from each arm's measured s/step).
+Every stage-1 result is then fine-tuned identically with MultipleNegativesRankingLoss
+(:func:`retromae_st.finetune.finetune`) on the full ``train`` pairs and on a 1,000-pair subset
+(label-scarce), and evaluated (exact cosine search, pytrec_eval via :mod:`retromae_st.evaluation.metrics`):
+nDCG@10 and Recall@100 on the BEIR ``test`` split, by default a 5,000-document subset of the debian-pkgs
+corpus holding every judged test document (for speed), plus cisi and cranfield zero-shot. Per arm it also
+reports the final stage-2 loss against ln(batch size) (the loss of a model that cannot tell texts apart) and
+the mean cosine between embeddings of different texts (collapse check), after stage 1 and after stage 2.
+
+Writes ``<output-dir>/<name>.json``, ``<name>.md`` and ``<name>.png``. Examples::
+
+    python benchmarks/quality.py                      # full: 3 seeds (about 2 hours of quiet 2-core CPU)
+    python benchmarks/quality.py --quick              # smoke run (minutes)
+    python benchmarks/quality.py --seeds 0 --stage1-steps 200 --stage2-steps 200 --name quality_reduced
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from sentence_transformers import SentenceTransformer
+from transformers import TrainerCallback
+
+from retromae_st.corpus import load_texts, tokenize_corpus
+from retromae_st.evaluation.metrics import ir_metrics
+from retromae_st.finetune import finetune, load_pairs
+from retromae_st.io import atomic_write_json, atomic_write_text
+from retromae_st.loss import RetroMAELoss
+from retromae_st.masking import encoder_mask, word_ids
+from retromae_st.models import build_model, load_encoder, train_wordpiece_tokenizer
+from retromae_st.training import pretrain
+
+logger = logging.getLogger("benchmarks.quality")
+
+DATA = Path("/work/shared/data")
+ARMS = ["retromae", "mlm", "tsdae", "none-cls", "none-mean"]
+
+
+class MLMOnlyLoss(RetroMAELoss):
+    """RetroMAE's encoder half alone: whole-word masking and the MLM head, no decoder term (the MLM arm).
+
+    The decoder still exists (it is built by the parent) but receives no gradient and costs nothing.
+    """
+
+    def forward(self, sentence_features, labels=None):  # type: ignore[override]
+        features = list(sentence_features)[0]
+        input_ids, attention_mask = features["input_ids"], features["attention_mask"]
+        tables = self.vocab_tables()
+        words = word_ids(input_ids, attention_mask, tables)
+        masked, targets = encoder_mask(input_ids, words, tables, self.encoder_mask_ratio)
+        output = self.model({**features, "input_ids": masked})
+        weight = self.encoder().word_embeddings.weight
+        return {"encoder_mlm": self._mlm_loss(output["token_embeddings"], targets, weight)}
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of the training loop (from the first step to the last), for s/step and equal-time budgets."""
+
+    def __init__(self) -> None:
+        self.start = self.end = 0.0
+        self.steps = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.end = time.perf_counter()
+        self.steps = state.global_step
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: Path) -> dict[str, str]:
+    out = {}
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            row = json.loads(line)
+            title = (row.get("title") or "").strip()
+            out[str(row["_id"])] = f"{title} {row.get('text', '')}".strip() if title else row.get("text", "")
+    return out
+
+
+def read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    qrels: dict[str, dict[str, int]] = {}
+    with path.open(encoding="utf-8") as handle:
+        next(handle)
+        for line in handle:
+            query, doc, score = line.rstrip("\n").split("\t")[:3]
+            if int(score) > 0:
+                qrels.setdefault(query, {})[doc] = int(score)
+    return qrels
+
+
+def eval_set(folder: Path, split: str, max_docs: int | None, seed: int = 0) -> dict[str, Any]:
+    """A BEIR test set in memory; with ``max_docs`` a fixed subset holding every judged document."""
+    corpus = read_jsonl(folder / "corpus.jsonl")
+    qrels = read_qrels(folder / "qrels" / f"{split}.tsv")
+    queries = {q: t for q, t in read_jsonl(folder / "queries.jsonl").items() if q in qrels}
+    qrels = {q: docs for q, docs in qrels.items() if q in queries}
+    if max_docs and len(corpus) > max_docs:
+        judged = {d for docs in qrels.values() for d in docs if d in corpus}
+        others = sorted(set(corpus) - judged)
+        random.Random(seed).shuffle(others)
+        keep = sorted(judged) + others[: max(0, max_docs - len(judged))]
+        corpus = {d: corpus[d] for d in keep}
+    return {"name": folder.name, "corpus": corpus, "queries": queries, "qrels": qrels}
+
+
+def evaluate(model: SentenceTransformer, data: dict[str, Any], batch_size: int = 128) -> dict[str, float]:
+    """Exact cosine search, top 100, scored with pytrec_eval (graded qrels kept)."""
+    doc_ids, query_ids = list(data["corpus"]), list(data["queries"])
+    docs = model.encode(
+        [data["corpus"][d] for d in doc_ids],
+        batch_size=batch_size,
+        convert_to_tensor=True,
+        normalize_embeddings=True,
+    )
+    queries = model.encode(
+        [data["queries"][q] for q in query_ids],
+        batch_size=batch_size,
+        convert_to_tensor=True,
+        normalize_embeddings=True,
+    )
+    scores, indices = (queries @ docs.T).topk(min(100, len(doc_ids)), dim=1)
+    run = {
+        q: {doc_ids[i]: float(s) for s, i in zip(row_s.tolist(), row_i.tolist())}
+        for q, row_s, row_i in zip(query_ids, scores, indices)
+    }
+    metrics = ir_metrics(data["qrels"], run)
+    return {"ndcg@10": metrics["ndcg@10"], "recall@100": metrics["recall@100"]}
+
+
+def mean_cosine(model: SentenceTransformer, texts: list[str]) -> float:
+    """Mean cosine similarity between embeddings of different texts (near 1 = collapsed)."""
+    emb = model.encode(texts, batch_size=128, convert_to_tensor=True, normalize_embeddings=True)
+    sims = emb @ emb.T
+    n = len(texts)
+    return float((sims.sum() - sims.diagonal().sum()) / (n * (n - 1)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------------------
+
+
+def stage1(
+    arm: str,
+    steps: int,
+    init_dir: Path,
+    out_dir: Path,
+    windows: Dataset,
+    texts: list[str],
+    args: argparse.Namespace,
+    seed: int,
+) -> tuple[Path, dict[str, Any]]:
+    """Pretrain ``arm`` for ``steps`` steps from ``init_dir``; returns the model folder and timing."""
+    timer = StepTimer()
+    model = load_encoder(str(init_dir), max_seq_length=args.max_len, pooling="cls")
+    common = dict(
+        batch_size=args.stage1_batch,
+        learning_rate=args.stage1_lr,
+        max_steps=steps,
+        seed=seed,
+        save_steps=10**9,
+        logging_steps=max(1, steps // 10),
+        overwrite=True,
+        resume=False,
+        callbacks=[timer],
+    )
+    if arm in ("retromae", "mlm"):
+        loss = RetroMAELoss(model) if arm == "retromae" else MLMOnlyLoss(model)
+        pretrain(model, windows, out_dir, loss=loss, **common)
+        folder = out_dir / "final"
+        log = (
+            json.loads((out_dir / "training_log.json").read_text())
+            if (out_dir / "training_log.json").exists()
+            else []
+        )
+    elif arm == "tsdae":
+        from sentence_transformers.sentence_transformer.losses import DenoisingAutoEncoderLoss
+        from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
+        from sentence_transformers.sentence_transformer.training_args import (
+            SentenceTransformerTrainingArguments,
+        )
+
+        rng = random.Random(seed)
+        noisy = [delete_noise(t, 0.6, rng) for t in texts]
+        dataset = Dataset.from_dict({"noisy": noisy, "text": texts})
+        # The decoder is built from the encoder's folder (config + tokenizer), weights tied to the encoder.
+        loss = DenoisingAutoEncoderLoss(model, decoder_name_or_path=str(init_dir), tie_encoder_decoder=True)
+        targs = SentenceTransformerTrainingArguments(
+            output_dir=str(out_dir / "checkpoints"),
+            per_device_train_batch_size=args.stage1_batch,
+            learning_rate=args.stage1_lr,
+            max_steps=steps,
+            warmup_steps=0.1,
+            weight_decay=0.01,
+            seed=seed,
+            save_strategy="no",
+            logging_steps=max(1, steps // 10),
+            report_to="none",
+        )
+        trainer = SentenceTransformerTrainer(
+            model=model, args=targs, train_dataset=dataset, loss=loss, callbacks=[timer]
+        )
+        trainer.train()
+        folder = out_dir / "final"
+        model.save_pretrained(str(folder))
+        log = trainer.state.log_history
+    else:
+        raise ValueError(arm)
+    losses = [
+        row
+        for row in log
+        if "loss" in row or any(k.endswith("_loss") or k in ("encoder_mlm", "decoder") for k in row)
+    ]
+    return folder, {
+        "steps": timer.steps,
+        "seconds": timer.seconds,
+        "s_per_step": timer.seconds / max(timer.steps, 1),
+        "last_log": losses[-1] if losses else None,
+    }
+
+
+def delete_noise(text: str, ratio: float, rng: random.Random) -> str:
+    """TSDAE's noise (``DenoisingAutoEncoderDataset.delete``): drop each word with probability ``ratio``,
+    keeping at least one; words split on whitespace (nltk's tokenizer data is not available offline)."""
+    words = text.split()
+    if not words:
+        return text
+    kept = [w for w in words if rng.random() > ratio]
+    return " ".join(kept or [rng.choice(words)])
+
+
+def stage2(
+    model_dir: Path,
+    pooling: str,
+    pairs: Dataset,
+    steps: int,
+    out_dir: Path,
+    args: argparse.Namespace,
+    seed: int,
+) -> tuple[SentenceTransformer, dict[str, Any]]:
+    model = load_encoder(str(model_dir), max_seq_length=args.max_len, pooling=pooling)
+    if pooling != "cls" and (model_dir / "modules.json").exists():
+        raise ValueError("pooling override needs a plain transformers folder")
+    start = time.perf_counter()
+    model = finetune(
+        model,
+        pairs,
+        out_dir,
+        batch_size=args.stage2_batch,
+        learning_rate=args.stage2_lr,
+        max_steps=steps,
+        save_steps=10**9,
+        logging_steps=max(1, steps // 20),
+        seed=seed,
+        overwrite=True,
+        resume=False,
+        save_total_limit=1,
+    )
+    seconds = time.perf_counter() - start
+    log = json.loads((out_dir / "final" / "training_log.json").read_text())
+    history = log["log_history"] if isinstance(log, dict) else log
+    losses = [row["loss"] for row in history if "loss" in row]
+    tail = losses[-3:] if losses else [float("nan")]
+    return model, {
+        "steps": steps,
+        "seconds": seconds,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": float(np.mean(tail)),
+        "ln_batch": math.log(args.stage2_batch),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", default=str(DATA / "debian-pkgs"), help="BEIR folder: corpus, train, test")
+    parser.add_argument(
+        "--zero-shot",
+        default=f"{DATA / 'cisi'},{DATA / 'cranfield'}",
+        help="comma list of BEIR folders evaluated zero-shot ('' for none)",
+    )
+    parser.add_argument(
+        "--test-docs", type=int, default=5000, help="test corpus subset (all judged docs kept)"
+    )
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--preset", default="retromae-tiny")
+    parser.add_argument("--vocab-size", type=int, default=4000)
+    parser.add_argument("--max-len", type=int, default=128)
+    parser.add_argument("--stage1-steps", type=int, default=1000)
+    parser.add_argument("--stage1-batch", type=int, default=32)
+    parser.add_argument("--stage1-lr", type=float, default=5e-4)
+    parser.add_argument("--no-equal-time", action="store_true", help="skip the equal wall-clock stage-1 arms")
+    parser.add_argument("--stage2-steps", type=int, default=600, help="MNRL steps on the full train pairs")
+    parser.add_argument("--scarce-pairs", type=int, default=1000, help="label-scarce subset size (0: skip)")
+    parser.add_argument("--scarce-steps", type=int, default=150, help="MNRL steps on the scarce subset")
+    parser.add_argument("--stage2-batch", type=int, default=64)
+    parser.add_argument("--stage2-lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--work-dir", default=None, help="scratch folder for models (default: a temp folder)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, a few dozen steps")
+    parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--name", default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds = "0"
+        args.stage1_steps, args.stage2_steps, args.scarce_steps, args.test_docs = 20, 20, 10, 1000
+    args.seed_list = [int(s) for s in args.seeds.split(",") if s]
+    args.arm_list = [a for a in args.arms.split(",") if a]
+    for arm in args.arm_list:
+        if arm not in ARMS:
+            parser.error(f"unknown arm {arm!r}: choose from {ARMS}")
+    args.name = args.name or ("quality_quick" if args.quick else "quality")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("retromae_st").setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="quality-bench-"))
+    data = Path(args.data)
+
+    dataset, _ = load_texts(str(data))
+    texts = dataset["text"]
+    tokenizer = train_wordpiece_tokenizer(texts, vocab_size=args.vocab_size)
+    windows, _ = tokenize_corpus(dataset, tokenizer, args.max_len)
+    pairs = load_pairs(str(data), split="train")
+    scarce = (
+        pairs.shuffle(seed=0).select(range(min(args.scarce_pairs, len(pairs)))) if args.scarce_pairs else None
+    )
+    evals = [eval_set(data, "test", args.test_docs)]
+    evals += [eval_set(Path(p), "test", None) for p in args.zero_shot.split(",") if p]
+    probe = random.Random(0).sample(texts, 300)
+    logger.info(
+        "corpus %d docs, %d windows, vocab %d, pairs %d; eval sets %s",
+        len(texts),
+        len(windows),
+        len(tokenizer),
+        len(pairs),
+        [(e["name"], len(e["corpus"]), len(e["queries"])) for e in evals],
+    )
+
+    records: list[dict[str, Any]] = []
+    for seed in args.seed_list:
+        init_dir = work / f"seed{seed}" / "init"
+        build_model(args.preset, tokenizer, max_seq_length=args.max_len, save_dir=init_dir, seed=seed)
+        stage1_runs: dict[str, tuple[Path, str, dict[str, Any]]] = {}
+        for arm in args.arm_list:
+            if arm.startswith("none"):
+                stage1_runs[arm] = (init_dir, arm.split("-")[1], {"steps": 0, "seconds": 0.0})
+                continue
+            folder, info = stage1(
+                arm, args.stage1_steps, init_dir, work / f"seed{seed}" / arm, windows, texts, args, seed
+            )
+            stage1_runs[arm] = (folder, "cls", info)
+            logger.info("seed %d stage 1 %s: %s", seed, arm, info)
+        if not args.no_equal_time and "retromae" in stage1_runs:
+            budget = stage1_runs["retromae"][2]["seconds"]
+            for arm in ("mlm", "tsdae"):
+                if arm not in stage1_runs:
+                    continue
+                steps = max(1, round(budget / stage1_runs[arm][2]["s_per_step"]))
+                folder, info = stage1(
+                    arm, steps, init_dir, work / f"seed{seed}" / f"{arm}@time", windows, texts, args, seed
+                )
+                info["budget_seconds"] = budget
+                stage1_runs[f"{arm}@time"] = (folder, "cls", info)
+                logger.info("seed %d stage 1 %s@time: %s", seed, arm, info)
+        for arm, (folder, pooling, info) in stage1_runs.items():
+            cos1 = mean_cosine(load_encoder(str(folder), max_seq_length=args.max_len, pooling=pooling), probe)
+            regimes = [("full", pairs, args.stage2_steps)]
+            if scarce is not None:
+                regimes.append(("scarce", scarce, args.scarce_steps))
+            for regime, train, steps in regimes:
+                model, s2 = stage2(
+                    folder, pooling, train, steps, work / f"seed{seed}" / f"{arm}-{regime}", args, seed
+                )
+                scores = {e["name"]: evaluate(model, e) for e in evals}
+                record = {
+                    "seed": seed,
+                    "arm": arm,
+                    "pooling": pooling,
+                    "regime": regime,
+                    "stage1": info,
+                    "stage2": s2,
+                    "mean_cos_after_stage1": cos1,
+                    "mean_cos_after_stage2": mean_cosine(model, probe),
+                    "scores": scores,
+                }
+                records.append(record)
+                logger.info(
+                    "seed %d %s %s: %s loss %.3f (ln B %.3f)",
+                    seed,
+                    arm,
+                    regime,
+                    scores,
+                    s2["final_loss"],
+                    s2["ln_batch"],
+                )
+                write(args, out, records, tokenizer, evals, time.perf_counter() - started)
+    write(args, out, records, tokenizer, evals, time.perf_counter() - started)
+
+
+def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["regime"], r["arm"]), []).append(r)
+    rows = []
+    for (regime, arm), items in groups.items():
+        row: dict[str, Any] = {"regime": regime, "arm": arm, "seeds": len(items)}
+        for name in items[0]["scores"]:
+            for metric in ("ndcg@10", "recall@100"):
+                values = [i["scores"][name][metric] for i in items]
+                row[f"{name}/{metric}"] = (
+                    statistics.mean(values),
+                    statistics.stdev(values) if len(values) > 1 else 0.0,
+                )
+        row["stage1_steps"] = statistics.mean(i["stage1"]["steps"] for i in items)
+        row["stage1_seconds"] = statistics.mean(i["stage1"]["seconds"] for i in items)
+        row["stage2_final_loss"] = statistics.mean(i["stage2"]["final_loss"] for i in items)
+        row["ln_batch"] = items[0]["stage2"]["ln_batch"]
+        row["cos1"] = statistics.mean(i["mean_cos_after_stage1"] for i in items)
+        row["cos2"] = statistics.mean(i["mean_cos_after_stage2"] for i in items)
+        rows.append(row)
+    return rows
+
+
+def markdown(report: dict[str, Any]) -> str:
+    env, cfg = report["environment"], report["config"]
+    lines = [
+        f"# Does RetroMAE pay off? ({cfg['label']})",
+        "",
+        f"Machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']}, {cfg['threads']} thread(s). "
+        f"Total wall time {report['wall_seconds'] / 60:.0f} min.",
+        "",
+        f"Model {cfg['preset']}, vocab {report['vocab_size']} (corpus-trained WordPiece), max length "
+        f"{cfg['max_len']}. Stage 1: {cfg['stage1_steps']} steps, batch {cfg['stage1_batch']}, lr "
+        f"{cfg['stage1_lr']}; `@time` arms get RetroMAE's stage-1 wall time. Stage 2 (MNRL, batch "
+        f"{cfg['stage2_batch']}, lr {cfg['stage2_lr']}): `full` = all train pairs, {cfg['stage2_steps']} "
+        f"steps; `scarce` = {cfg['scarce_pairs']} pairs, {cfg['scarce_steps']} steps. Seeds: {cfg['seeds']}."
+        " Evaluation: "
+        + ", ".join(f"{e['name']} ({e['docs']} docs, {e['queries']} queries)" for e in report["eval_sets"])
+        + ".",
+        "",
+    ]
+    rows = summarise(report["records"])
+    if not rows:
+        return "\n".join(lines)
+    names = [e["name"] for e in report["eval_sets"]]
+    head = "| regime | arm | stage-1 steps (s) | " + " | ".join(f"{n} nDCG@10 | {n} R@100" for n in names)
+    head += " | stage-2 loss (ln B) | cos after s1 / s2 |"
+    lines += [head, "|" + "---|" * (5 + 2 * len(names))]
+    for row in sorted(rows, key=lambda r: (r["regime"], r["arm"])):
+        cells = []
+        for n in names:
+            for metric in ("ndcg@10", "recall@100"):
+                mean, std = row[f"{n}/{metric}"]
+                cells.append(f"{mean:.3f} ± {std:.3f}")
+        lines.append(
+            f"| {row['regime']} | {row['arm']} | {row['stage1_steps']:.0f} ({row['stage1_seconds']:.0f}) | "
+            + " | ".join(cells)
+            + f" | {row['stage2_final_loss']:.2f} ({row['ln_batch']:.2f}) | {row['cos1']:.2f} / {row['cos2']:.2f} |"
+        )
+    lines += [
+        "",
+        "± is the standard deviation over seeds (0 with one seed). A stage-2 loss near ln B means the "
+        "model did not learn to tell texts apart; a mean cosine near 1 means collapsed embeddings.",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summarise(report["records"])
+    names = [e["name"] for e in report["eval_sets"]]
+    regimes = sorted({r["regime"] for r in rows})
+    fig, axes = plt.subplots(1, len(regimes), figsize=(6 * len(regimes), 4), squeeze=False)
+    for ax, regime in zip(axes[0], regimes):
+        sub = sorted([r for r in rows if r["regime"] == regime], key=lambda r: r["arm"])
+        width = 0.8 / max(len(sub), 1)
+        for j, row in enumerate(sub):
+            means = [row[f"{n}/ndcg@10"][0] for n in names]
+            stds = [row[f"{n}/ndcg@10"][1] for n in names]
+            ax.bar(np.arange(len(names)) + j * width, means, width, yerr=stds, label=row["arm"], capsize=2)
+        ax.set_xticks(np.arange(len(names)) + width * (len(sub) - 1) / 2, names)
+        ax.set_title(f"stage 2: {regime}")
+        ax.set_ylabel("nDCG@10")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(args, out: Path, records, tokenizer, evals, wall: float) -> None:
+    cpu = platform.machine()
+    try:
+        for line in subprocess.run(
+            ["lscpu"], capture_output=True, text=True, check=False
+        ).stdout.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    config = {k: v for k, v in vars(args).items()}
+    config["label"] = (
+        "quick smoke run"
+        if args.quick
+        else (
+            "full configuration"
+            if len(args.seed_list) >= 3
+            else "REDUCED run (fewer seeds/steps than the full benchmark)"
+        )
+    )
+    report = {
+        "benchmark": "quality",
+        "config": config,
+        "wall_seconds": wall,
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "environment": {
+            "cpu": cpu,
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "vocab_size": len(tokenizer),
+        "eval_sets": [
+            {"name": e["name"], "docs": len(e["corpus"]), "queries": len(e["queries"])} for e in evals
+        ],
+        "summary": [{k: v for k, v in r.items()} for r in summarise(records)],
+        "records": records,
+    }
+    atomic_write_json(out / f"{args.name}.json", report)
+    atomic_write_text(out / f"{args.name}.md", markdown(report))
+    if records:
+        plot(report, out / f"{args.name}.png")
+
+
+if __name__ == "__main__":
+    main()
