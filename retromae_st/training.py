@@ -201,7 +201,10 @@ def pretrain(
     if len(train_dataset) == 0:
         raise UserInputError("the pretraining dataset is empty: nothing to train on.")
 
-    loss = loss if loss is not None else RetroMAELoss(model, **(loss_kwargs or {}))
+    if loss is None:
+        # The decoder's initial weights follow the run's seed, not whatever the process drew before.
+        torch.manual_seed(seed)
+        loss = RetroMAELoss(model, **(loss_kwargs or {}))
     if gradient_checkpointing:
         model[0].auto_model.gradient_checkpointing_enable()
     resume_from = (
