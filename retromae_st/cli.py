@@ -228,7 +228,15 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     )
     logger.info("Corpus: %s", stats.summary())
     if args.model in PRESETS:
-        if args.tokenizer:
+        earlier = output / "init"
+        if not args.overwrite and not args.tokenizer and (earlier / "tokenizer.json").is_file():
+            # Resuming: the checkpoints were trained with this vocabulary (training a tokenizer again is not
+            # deterministic across processes, and another vocabulary would silently scramble the weights).
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(earlier))
+            logger.info("Reusing the tokenizer of the earlier run in %s", earlier)
+        elif args.tokenizer:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(
