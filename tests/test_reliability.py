@@ -58,9 +58,11 @@ def data(tmp_path_factory, tokenizer) -> Path:
     return root
 
 
-def pretrain_args(data: Path, output: Path, *extra: str) -> list[str]:
+def pretrain_args(data: Path, output: Path, *extra: str, model: str | None = None) -> list[str]:
+    # A saved model by default: a tokenizer trained on the corpus (presets) differs from process to process.
     return [
-        "pretrain", "--model", "retromae-tiny", "--corpus", str(data / "corpus.txt"), "--output", str(output),
+        "pretrain", "--model", model or str(data / "model"), "--corpus", str(data / "corpus.txt"),
+        "--output", str(output),
         "--vocab-size", "150", "--max-seq-length", "32", "--batch-size", "8", "--max-steps", "8",
         "--save-steps", "2", "--logging-steps", "1", "--lr", "1e-3", *extra,
     ]  # fmt: skip
@@ -162,6 +164,17 @@ def test_kill_while_writing_the_final_model_leaves_no_final_folder(data, straigh
     assert_same_weights(
         straight_pretrain / "final" / "model.safetensors", output / "final" / "model.safetensors"
     )
+
+
+@pytest.mark.slow
+def test_preset_run_resumes_with_the_tokenizer_its_checkpoints_were_trained_with(data, tmp_path):
+    output = tmp_path / "run"
+    args = pretrain_args(data, output, model="retromae-tiny")
+    kill_at("after-save", 4, args, tmp_path)
+    trained_with = (output / "checkpoints" / "checkpoint-4" / "tokenizer.json").read_text()
+    assert cli.main(args) == 0
+    assert resumed_from(output).endswith("checkpoint-4")
+    assert (output / "final" / "tokenizer.json").read_text() == trained_with
 
 
 @pytest.fixture(scope="module")
@@ -307,3 +320,199 @@ def test_finetune_non_finite_loss_stops_with_exit_3(data, tmp_path, monkeypatch,
     assert message.startswith("retromae-st: training stopped:")
     assert "MultipleNegativesRankingLoss" in message and "nan at step 3" in message
     _assert_intact_checkpoint(output, 2)
+
+
+# -- bad input through the CLI ---------------------------------------------------------------------------
+# (test_cli.py covers an empty corpus file, encoder mask ratio 1.0 and max_seq_length above a preset.)
+
+
+def _error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("retromae-st: error:")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("blank.txt", b"   \n\n\t\n  \n", r"blank\.txt: no documents left \(\d+ read, all skipped"),
+        ("latin1.txt", "good line\ncaf\xe9 au lait\n".encode("latin-1"), r"latin1\.txt: not UTF-8 at byte offset 13 \(line 2\)"),
+        ("image.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", r"image\.txt looks binary: NUL byte at byte offset 8"),
+        ("docs.jsonl", b'{"body": "a document"}\n', r"docs\.jsonl has no column 'text'; available columns: body"),
+    ],
+)  # fmt: skip
+def test_bad_corpus_files_exit_2_naming_the_file(data, tmp_path, capsys, name, content, expected):
+    corpus = tmp_path / name
+    corpus.write_bytes(content)
+    args = pretrain_args(data, tmp_path / "out")
+    args[args.index("--corpus") + 1] = str(corpus)
+    assert cli.main(args) == 2
+    assert re.search(expected, _error_line(capsys))
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_a_million_character_document_is_windowed_not_refused(data, tmp_path, capsys):
+    words = " ".join(make_texts(8000, seed=11))
+    document = (words * (1_000_000 // len(words) + 1))[:1_000_000]
+    corpus = tmp_path / "one.txt"
+    corpus.write_text(document + "\n")
+    output = tmp_path / "out"
+    args = ["pretrain", "--model", str(data / "model"), "--corpus", str(corpus), "--output", str(output),
+            "--max-seq-length", "128", "--batch-size", "4", "--max-steps", "1", "--save-steps", "10"]  # fmt: skip
+    assert cli.main(args) == 0
+    log = (output / "run.log").read_text()
+    match = re.search(r"Windows: .*1 documents read, 0 skipped, (\d+) windows, (\d+) tokens", log)
+    assert match, log[-2000:]
+    windows, tokens = int(match.group(1)), int(match.group(2))
+    assert (
+        windows == -(-tokens // 126) and windows > 1000
+    )  # every token kept, 126 per window plus [CLS] [SEP]
+    assert (output / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--encoder-mask-ratio", "0"], "encoder_mask_ratio=0.0 must be a number strictly between 0 and 1"),
+        (["--decoder-mask-ratio", "1"], "decoder_mask_ratio=1.0 must be a number strictly between 0 and 1"),
+        (["--decoder-mask-ratio", "0"], "decoder_mask_ratio=0.0 must be a number strictly between 0 and 1"),
+    ],
+)
+def test_mask_ratio_flags_out_of_range(data, tmp_path, capsys, flags, expected):
+    assert cli.main(pretrain_args(data, tmp_path / "out", *flags)) == 2
+    assert expected in _error_line(capsys)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_max_seq_length_above_the_positions_of_a_model_folder(data, tmp_path, capsys):
+    for command in (pretrain_args, finetune_args):
+        args = command(data, tmp_path / "out")
+        args[args.index("--model") + 1] = str(data / "model")
+        assert cli.main([*args, "--max-seq-length", "4096"]) == 2
+        message = _error_line(capsys)
+        assert "max_seq_length=4096 exceeds the 128 positions" in message and str(data / "model") in message
+
+
+def test_tokenizer_without_a_mask_token(data, tokenizer, tmp_path, capsys):
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path / "no-mask"
+    build_model(TINY, tokenizer, max_seq_length=32, save_dir=folder, seed=0)
+    plain = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.backend_tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]",
+    )  # fmt: skip
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    plain.save_pretrained(str(folder))
+    args = pretrain_args(data, tmp_path / "out")
+    args[args.index("--model") + 1] = str(folder)
+    assert cli.main(args) == 2
+    assert "has no mask token" in _error_line(capsys)
+
+
+@pytest.mark.parametrize("content", [None, "weights.txt"])
+def test_model_folder_that_is_not_a_model(data, tmp_path, capsys, content):
+    folder = tmp_path / "not-a-model"
+    folder.mkdir()
+    if content:
+        (folder / content).write_text("hello")
+    for args in (pretrain_args(data, tmp_path / "o"), finetune_args(data, tmp_path / "o")):
+        args[args.index("--model") + 1] = str(folder)
+        assert cli.main(args) == 2
+        message = _error_line(capsys)
+        assert str(folder) in message and "neither modules.json nor config.json" in message
+
+
+@pytest.mark.parametrize(
+    ("corpus", "qrels", "expected"),
+    [
+        (None, "q1\tnope\t1\n", r"qrels/test\.tsv.*document id 'nope'"),
+        (None, "q99\td1\t1\n", r"qrels/test\.tsv.*query id 'q99'"),
+        ('{"_id": "a", "text": "x"}\n{"_id": "a", "text": "y"}\n', "", r"corpus\.jsonl.*duplicate document id 'a'"),
+    ],
+)  # fmt: skip
+def test_bad_beir_folders_through_evaluate(data, tmp_path, capsys, corpus, qrels, expected):
+    import shutil
+
+    folder = tmp_path / "beir"
+    shutil.copytree(data / "toy", folder)
+    if corpus is not None:
+        (folder / "corpus.jsonl").write_text(corpus)
+    with (folder / "qrels" / "test.tsv").open("a") as handle:
+        handle.write(qrels)
+    args = [
+        "evaluate",
+        "--model",
+        str(data / "model"),
+        "--beir",
+        str(folder),
+        "--output",
+        str(tmp_path / "r"),
+    ]
+    assert cli.main(args) == 2
+    message = _error_line(capsys)
+    assert re.search(expected, message), message
+    assert not (tmp_path / "r").exists()
+
+
+def _recipe(tmp_path: Path, data: Path, **replace: str) -> Path:
+    text = f"""\
+name: tiny
+output_dir: run
+model:
+  preset: retromae-tiny
+  vocab_size: 150
+  max_seq_length: 32
+pretrain:
+  corpus: {data / "corpus.txt"}
+  batch_size: 8
+  max_steps: 2
+  save_steps: 10
+finetune:
+  train: {data / "toy"}
+  batch_size: 8
+  max_steps: 2
+evaluation:
+  beir: [{data / "toy"}]
+"""
+    for old, new in replace.items():
+        assert old in text
+        text = text.replace(old, new)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("  max_steps: 2\n  save_steps", "  max_stepz: 2\n  save_steps", r"recipe\.yaml:10: unknown key 'pretrain\.max_stepz'"),
+        ("  batch_size: 8\n  max_steps: 2\n  save", "  batch_size: eight\n  max_steps: 2\n  save", r"recipe\.yaml:9: pretrain\.batch_size"),
+        ("  max_steps: 2\n  save_steps: 10\n", "  max_steps: 2\n  save_steps: 10\n  loss:\n    decoder_mask_ratio: 0\n",
+         r"recipe\.yaml:13: pretrain\.loss\.decoder_mask_ratio"),
+        ("  max_steps: 2\n  save_steps: 10\n", "  max_steps: 2\n  save_steps: 10\n  loss:\n    encoder_mask_ratio: 1\n",
+         r"recipe\.yaml:13: pretrain\.loss\.encoder_mask_ratio"),
+    ],
+)  # fmt: skip
+def test_bad_recipes_exit_2_naming_line_and_key(data, tmp_path, capsys, old, new, expected):
+    recipe = _recipe(tmp_path, data, **{old: new})
+    assert cli.main(["run", str(recipe), "--output-root", str(tmp_path)]) == 2
+    assert re.search(expected, _error_line(capsys))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("section", ["pretrain", "finetune", "evaluation"])
+def test_recipe_with_a_missing_input_file_fails_before_training(data, tmp_path, capsys, section):
+    missing = tmp_path / "missing" / ("corpus.txt" if section == "pretrain" else "pairs.jsonl")
+    source = {"pretrain": f"corpus: {data / 'corpus.txt'}", "finetune": f"train: {data / 'toy'}"}
+    if section == "evaluation":
+        missing = tmp_path / "missing-beir"
+        recipe = _recipe(tmp_path, data, **{f"beir: [{data / 'toy'}]": f"beir: [{missing}]"})
+    else:
+        key = source[section].split(":")[0]
+        recipe = _recipe(tmp_path, data, **{source[section]: f"{key}: {missing}"})
+    assert cli.main(["run", str(recipe), "--output-root", str(tmp_path)]) == 2
+    message = _error_line(capsys)
+    assert str(missing) in message and "does not exist" in message
+    assert not list((tmp_path / "run").glob("stage*/checkpoints"))  # nothing was trained
