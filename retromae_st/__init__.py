@@ -1,7 +1,9 @@
 """retromae-st: RetroMAE pretraining as a Sentence-Transformers loss, then contrastive fine-tuning.
 
 The public API is imported lazily (PEP 562), so ``retromae-st --help`` and light imports do not pay
-for torch, transformers and sentence-transformers until a name that needs them is used.
+for torch, transformers and sentence-transformers until a name that needs them is used. The stage-2
+function is ``retromae_st.finetune.finetune``; it is not re-exported here, where its name would shadow
+the ``retromae_st.finetune`` module.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ _EXPORTS = {
     "load_beir": "retromae_st.beir",
     # stage 2
     "dev_evaluator": "retromae_st.finetune",
-    "finetune": "retromae_st.finetune",
     "load_pairs": "retromae_st.finetune",
     "mine_negatives": "retromae_st.finetune",
     # evaluation
@@ -67,7 +68,6 @@ __all__ = [
     "tokenize_corpus",
     "load_beir",
     "dev_evaluator",
-    "finetune",
     "load_pairs",
     "mine_negatives",
     "evaluate",
@@ -105,7 +105,7 @@ if TYPE_CHECKING:
     from retromae_st.decoder import RetroMAEDecoder
     from retromae_st.errors import UserInputError
     from retromae_st.evaluation import evaluate
-    from retromae_st.finetune import dev_evaluator, finetune, load_pairs, mine_negatives
+    from retromae_st.finetune import dev_evaluator, load_pairs, mine_negatives
     from retromae_st.loss import NonFiniteLossError, RetroMAELoss
     from retromae_st.models import PRESETS, Preset, build_model, load_encoder, train_wordpiece_tokenizer
     from retromae_st.pipeline import run_recipe
