@@ -43,12 +43,16 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise UserInputError(f"{path}:{number}: invalid JSON ({error.msg}); fix or remove the line.") from None
+                    raise UserInputError(
+                        f"{path}:{number}: invalid JSON ({error.msg}); fix or remove the line."
+                    ) from None
                 if not isinstance(row, dict):
                     raise UserInputError(f"{path}:{number}: expected a JSON object per line.")
                 yield number, row
     except UnicodeDecodeError as error:
-        raise UserInputError(f"{path}: not UTF-8 text (byte offset {error.start}); re-encode it as UTF-8.") from None
+        raise UserInputError(
+            f"{path}: not UTF-8 text (byte offset {error.start}); re-encode it as UTF-8."
+        ) from None
 
 
 def _require(path: Path, what: str) -> Path:
@@ -119,7 +123,9 @@ def load_beir(folder: str | os.PathLike, split: str = "test") -> BeirData:
     """Read a BEIR folder and check that every judged query and document exists."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserInputError(f"{folder} is not a folder: pass a BEIR folder with corpus.jsonl, queries.jsonl, qrels/.")
+        raise UserInputError(
+            f"{folder} is not a folder: pass a BEIR folder with corpus.jsonl, queries.jsonl, qrels/."
+        )
     corpus = read_corpus(folder)
     queries = read_queries(folder)
     qrels = read_qrels(folder, split)
@@ -129,6 +135,8 @@ def load_beir(folder: str | os.PathLike, split: str = "test") -> BeirData:
             raise UserInputError(f"{qrels_path}: query id {query_id!r} is not in {folder / 'queries.jsonl'}.")
         for doc_id in judged:
             if doc_id not in corpus:
-                raise UserInputError(f"{qrels_path}: document id {doc_id!r} is not in {folder / 'corpus.jsonl'}.")
+                raise UserInputError(
+                    f"{qrels_path}: document id {doc_id!r} is not in {folder / 'corpus.jsonl'}."
+                )
     judged_queries = {query_id: queries[query_id] for query_id in qrels}
     return BeirData(corpus=corpus, queries=judged_queries, qrels=qrels, name=folder.name, split=split)

@@ -59,7 +59,9 @@ def train_wordpiece_tokenizer(
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     if vocab_size < len(SPECIAL_TOKENS) + 10:
-        raise UserInputError(f"vocab_size={vocab_size} is too small: use at least {len(SPECIAL_TOKENS) + 10}.")
+        raise UserInputError(
+            f"vocab_size={vocab_size} is too small: use at least {len(SPECIAL_TOKENS) + 10}."
+        )
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -174,7 +176,10 @@ def load_encoder(
     try:
         if (path / "modules.json").exists():
             model = SentenceTransformer(
-                str(path), trust_remote_code=trust_remote_code, model_kwargs=kwargs, local_files_only=_offline()
+                str(path),
+                trust_remote_code=trust_remote_code,
+                model_kwargs=kwargs,
+                local_files_only=_offline(),
             )
             if max_seq_length is not None:
                 config = getattr(getattr(model[0], "auto_model", None), "config", None)

@@ -26,7 +26,44 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 TINY = Preset(layers=2, hidden=32, heads=2, intermediate=64, max_positions=128)
 
-_WORDS = ["retrieval", "embedding", "encoder", "decoder", "masked", "autoencoder", "sentence", "vector", "index", "search", "query", "passage", "document", "corpus", "token", "vocabulary", "attention", "layer", "training", "learning", "model", "package", "debian", "python", "library", "function", "class", "module", "network", "server", "client", "database", "storage", "memory", "kernel", "driver"]
+_WORDS = [
+    "retrieval",
+    "embedding",
+    "encoder",
+    "decoder",
+    "masked",
+    "autoencoder",
+    "sentence",
+    "vector",
+    "index",
+    "search",
+    "query",
+    "passage",
+    "document",
+    "corpus",
+    "token",
+    "vocabulary",
+    "attention",
+    "layer",
+    "training",
+    "learning",
+    "model",
+    "package",
+    "debian",
+    "python",
+    "library",
+    "function",
+    "class",
+    "module",
+    "network",
+    "server",
+    "client",
+    "database",
+    "storage",
+    "memory",
+    "kernel",
+    "driver",
+]
 
 
 def make_texts(n: int = 200, seed: int = 0) -> list[str]:
