@@ -110,6 +110,10 @@ class ShardedEmbeddings:
         return np.concatenate(rows) if rows else np.zeros((0, self.dim), dtype=np.float32)
 
 
+def _plural(kind: str) -> str:
+    return "queries" if kind == "query" else f"{kind}s"
+
+
 def encode_texts(
     model: SentenceTransformer,
     texts: Sequence[str],
@@ -133,7 +137,11 @@ def encode_texts(
     # Chunks of several batches so one outer bar can show progress while each call stays vectorised.
     chunk = chunk_size or batch_size * 16
     own_bar = progress is None
-    bar = progress if progress is not None else tqdm(total=len(texts), desc=f"Encoding {kind}s", unit="text")
+    bar = (
+        progress
+        if progress is not None
+        else tqdm(total=len(texts), desc=f"Encoding {_plural(kind)}", unit="text")
+    )
     parts = []
     try:
         for start in range(0, len(texts), chunk):
@@ -192,7 +200,9 @@ def encode_to_shards(
     shards = []
     dim = model.get_embedding_dimension()
     with atomic_dir(folder, overwrite=overwrite) as tmp:
-        bar = tqdm(total=stop - start, desc=f"Encoding {kind}s (part {part + 1}/{num_parts})", unit="text")
+        bar = tqdm(
+            total=stop - start, desc=f"Encoding {_plural(kind)} (part {part + 1}/{num_parts})", unit="text"
+        )
         try:
             for number, begin in enumerate(range(start, stop, shard_size)):
                 vectors = encode_texts(
