@@ -34,7 +34,8 @@ class BeirData:
         return f"{doc['title']} {doc['text']}".strip() if doc.get("title") else doc["text"]
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; an error names the file, line and column."""
     try:
         with path.open(encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):
@@ -44,10 +45,13 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
                     row = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise UserInputError(
-                        f"{path}:{number}: invalid JSON ({error.msg}); fix or remove the line."
+                        f"{path}:{number}: invalid JSON ({error.msg} at column {error.colno}); "
+                        "fix or remove the line."
                     ) from None
                 if not isinstance(row, dict):
-                    raise UserInputError(f"{path}:{number}: expected a JSON object per line.")
+                    raise UserInputError(
+                        f"{path}:{number}: expected a JSON object per line, found {type(row).__name__}."
+                    )
                 yield number, row
     except UnicodeDecodeError as error:
         raise UserInputError(
@@ -64,7 +68,7 @@ def _require(path: Path, what: str) -> Path:
 def read_corpus(folder: str | os.PathLike) -> dict[str, dict[str, str]]:
     path = _require(Path(folder) / "corpus.jsonl", "corpus.jsonl with _id, title, text")
     corpus: dict[str, dict[str, str]] = {}
-    for number, row in _read_jsonl(path):
+    for number, row in iter_jsonl(path):
         if "_id" not in row:
             raise UserInputError(f"{path}:{number}: the document has no '_id'.")
         doc_id = str(row["_id"])
@@ -79,7 +83,7 @@ def read_corpus(folder: str | os.PathLike) -> dict[str, dict[str, str]]:
 def read_queries(folder: str | os.PathLike) -> dict[str, str]:
     path = _require(Path(folder) / "queries.jsonl", "queries.jsonl with _id, text")
     queries: dict[str, str] = {}
-    for number, row in _read_jsonl(path):
+    for number, row in iter_jsonl(path):
         if "_id" not in row:
             raise UserInputError(f"{path}:{number}: the query has no '_id'.")
         query_id = str(row["_id"])

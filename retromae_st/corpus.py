@@ -40,6 +40,7 @@ import torch
 from sentence_transformers.base.sampler import DefaultBatchSampler
 from transformers import PreTrainedTokenizerBase
 
+from retromae_st.beir import iter_jsonl
 from retromae_st.errors import UserInputError
 from retromae_st.io import atomic_dir, atomic_write_json
 
@@ -348,19 +349,8 @@ def _raise_on_bad_json(path: Path) -> None:
         ):
             raise UserInputError(f"{path}: expected a JSON list of objects (or one object per line).")
         return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserInputError(
-                f"{path}:{number}: invalid JSON ({error.msg} at column {error.colno}); fix or remove the line."
-            ) from None
-        if not isinstance(row, dict):
-            raise UserInputError(
-                f"{path}:{number}: expected a JSON object per line, found {type(row).__name__}."
-            )
+    for _ in iter_jsonl(path):  # raises on the first line that is not a JSON object
+        pass
 
 
 def _to_text_column(
