@@ -235,9 +235,8 @@ def pretrain(
         gradient_accumulation_steps=gradient_accumulation_steps,
         save_strategy="steps",
         save_steps=save_steps,
-        save_total_limit=max(
-            save_total_limit, 2
-        ),  # keep one older checkpoint in case the newest is cut short
+        # Keep at least one older checkpoint, in case the newest is cut short by a crash.
+        save_total_limit=max(save_total_limit, 2),
         logging_steps=logging_steps,
         seed=seed,
         data_seed=seed,
