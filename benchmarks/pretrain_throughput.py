@@ -785,7 +785,7 @@ def main(argv: list[str] | None = None) -> None:
                     variant.step(rows)
                     profiles[f"{size}-{length}-{label}"] = profile_ours(variant, rows)
                 results.append(row)
-                write(args, out, results, peaks, notes, profiles, device)
+                write(args, out, results, peaks, notes, profiles, device, complete=False)
     write(args, out, results, peaks, notes, profiles, device)
     print(markdown(build_report(args, results, peaks, notes, profiles, device)))
 
@@ -797,6 +797,7 @@ def build_report(
     notes: list[str],
     profiles: dict[str, str],
     device: str,
+    complete: bool = True,
 ) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -807,6 +808,8 @@ def build_report(
                 cpu = line.split(":", 1)[1].strip()
     config = {k: v for k, v in vars(args).items() if k not in ("memory_worker",)}
     config["label"] = "quick smoke run" if args.quick else "full run"
+    if not complete:  # written after each config: a run cut short says so in its files
+        config["label"] += f", INCOMPLETE ({len(results)} configs done when this file was written)"
     return {
         "benchmark": "pretrain_throughput",
         "config": config,
@@ -834,8 +837,9 @@ def write(
     notes: list[str],
     profiles: dict[str, str],
     device: str,
+    complete: bool = True,
 ) -> None:
-    report = build_report(args, results, peaks, notes, profiles, device)
+    report = build_report(args, results, peaks, notes, profiles, device, complete)
     atomic_write_json(out / f"{args.name}.json", report)
     atomic_write_text(out / f"{args.name}.md", markdown(report))
 
