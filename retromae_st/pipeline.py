@@ -18,6 +18,7 @@ folder appears atomically (complete or not at all). ``overwrite=True`` starts th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -90,13 +91,17 @@ def run_recipe(
     """
     check_inputs(recipe)
     run = Run(recipe, folder)
-    if overwrite and run.folder.exists():
-        shutil.rmtree(run.folder)
+    with main_process_first(run):
+        if overwrite and run.folder.exists() and is_main_process():
+            shutil.rmtree(run.folder)
     handler = add_file_logging(run.folder)
     try:
         atomic_write_text(run.folder / "recipe.yaml", yaml.safe_dump(recipe.model_dump(), sort_keys=False))
         logger.info("Running recipe %r into %s", recipe.name, run.folder)
-        model = initial_model(run)
+        with main_process_first(run):
+            # Under torchrun, the first process builds init/ (and trains the tokenizer) alone; the others
+            # then load that same folder, so every process starts from identical weights and vocabulary.
+            model = initial_model(run)
         outputs: dict[str, Any] = {"init": str(run.init)}
         if recipe.pretrain.enabled:
             model = stage1(run, model)
@@ -104,6 +109,8 @@ def run_recipe(
         if recipe.finetune.enabled:
             model = stage2(run, model)
             outputs["stage2"] = str(run.stage2 / "final")
+        if not is_main_process():
+            return outputs  # export and evaluation are single-process work
         if export_to is not None:
             outputs["model"] = str(export_model(run, Path(export_to), overwrite))
         if recipe.evaluation.enabled:
@@ -112,6 +119,28 @@ def run_recipe(
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def main_process_first(run: Run) -> contextlib.AbstractContextManager:
+    """Under ``torchrun`` / ``accelerate launch``: the first process runs the block, then the others.
+
+    Uses the trainer's own distributed setup (``TrainingArguments.main_process_first``), so the process
+    group it creates is the one training uses afterwards. A no-op in a single process.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return contextlib.nullcontext()
+    from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
+
+    from retromae_st.training import launcher_args
+
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(run.folder / "checkpoints"), report_to="none", **launcher_args()
+    )
+    return args.main_process_first(local=False, desc="preparing the run")
 
 
 def check_inputs(recipe: Recipe) -> None:

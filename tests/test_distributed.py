@@ -83,3 +83,28 @@ def test_cli_pretrain_under_accelerate_launch_uses_two_processes(tmp_path, token
     assert "effective batch size 16 (8 per device x 1 accumulation x 2 processes)" in result.stderr
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
     assert not [p for p in (tmp_path / "run").iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.slow
+def test_recipe_from_scratch_under_torchrun_shares_one_initial_model(tmp_path):
+    """`run` with a preset under torchrun: one process builds init/ (tokenizer included), both train it."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(make_texts(80, seed=4)) + "\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"name: ddp\noutput_dir: run\nmodel:\n  preset: retromae-tiny\n  vocab_size: 150\n  max_seq_length: 32\n"
+        f"pretrain:\n  corpus: {corpus}\n  batch_size: 8\n  max_steps: 3\n  save_steps: 100\n"
+    )
+    result = subprocess.run(
+        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         "-m", "retromae_st.cli", "run", str(recipe), "--output-root", str(tmp_path)],
+        env=_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    assert (run / "init" / "tokenizer.json").is_file()
+    assert (run / "stage1" / "final" / "modules.json").is_file()
+    log = (run / "run.log").read_text()
+    assert "x 2 processes" in log
+    assert log.count("Training a 150-entry WordPiece tokenizer") == 1  # built once, not per process
+    assert not list(run.glob(".*tmp-*"))
