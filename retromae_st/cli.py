@@ -216,8 +216,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from retromae_st.corpus import load_texts, tokenize_corpus
     from retromae_st.io import ensure_can_write
-    from retromae_st.models import PRESETS, build_model, load_encoder, train_wordpiece_tokenizer
-    from retromae_st.pipeline import add_file_logging
+    from retromae_st.models import PRESETS, load_encoder
+    from retromae_st.pipeline import add_file_logging, is_main_process, main_process_first
     from retromae_st.training import pretrain
 
     output = Path(args.output)
@@ -228,29 +228,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     )
     logger.info("Corpus: %s", stats.summary())
     if args.model in PRESETS:
-        earlier = output / "init"
-        if not args.overwrite and not args.tokenizer and (earlier / "tokenizer.json").is_file():
-            # Resuming: the checkpoints were trained with this vocabulary (training a tokenizer again is not
-            # deterministic across processes, and another vocabulary would silently scramble the weights).
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(earlier))
-            logger.info("Reusing the tokenizer of the earlier run in %s", earlier)
-        elif args.tokenizer:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(
-                args.tokenizer, trust_remote_code=args.trust_remote_code
+        with main_process_first(output):  # under torchrun, one process trains the tokenizer
+            model = _preset_model(
+                args, output, dataset["text"], reuse=not args.overwrite or not is_main_process()
             )
-        else:
-            tokenizer = train_wordpiece_tokenizer(dataset["text"], vocab_size=args.vocab_size)
-        model = build_model(
-            args.model,
-            tokenizer,
-            max_seq_length=args.max_seq_length,
-            save_dir=output / "init",
-            seed=args.seed,
-        )
     else:
         model = load_encoder(
             args.model, max_seq_length=args.max_seq_length, trust_remote_code=args.trust_remote_code,
@@ -284,6 +265,29 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     )
     print(f"model: {output / 'final'}")
     return 0
+
+
+def _preset_model(args: argparse.Namespace, output: Path, texts: list[str], reuse: bool) -> Any:
+    """A from-scratch preset; the tokenizer of an earlier run (``OUTPUT/init``) is reused when ``reuse``.
+
+    Reuse matters when resuming (the checkpoints were trained with that vocabulary, and training a
+    tokenizer again is not deterministic across processes) and under torchrun (one process trains it).
+    """
+    from transformers import AutoTokenizer
+
+    from retromae_st.models import build_model, train_wordpiece_tokenizer
+
+    earlier = output / "init"
+    if reuse and not args.tokenizer and (earlier / "tokenizer.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(earlier))
+        logger.info("Reusing the tokenizer of the earlier run in %s", earlier)
+    elif args.tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=args.trust_remote_code)
+    else:
+        tokenizer = train_wordpiece_tokenizer(texts, vocab_size=args.vocab_size)
+    return build_model(
+        args.model, tokenizer, max_seq_length=args.max_seq_length, save_dir=earlier, seed=args.seed
+    )
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:

@@ -91,14 +91,14 @@ def run_recipe(
     """
     check_inputs(recipe)
     run = Run(recipe, folder)
-    with main_process_first(run):
+    with main_process_first(run.folder):
         if overwrite and run.folder.exists() and is_main_process():
             shutil.rmtree(run.folder)
     handler = add_file_logging(run.folder)
     try:
         atomic_write_text(run.folder / "recipe.yaml", yaml.safe_dump(recipe.model_dump(), sort_keys=False))
         logger.info("Running recipe %r into %s", recipe.name, run.folder)
-        with main_process_first(run):
+        with main_process_first(run.folder):
             # Under torchrun, the first process builds init/ (and trains the tokenizer) alone; the others
             # then load that same folder, so every process starts from identical weights and vocabulary.
             model = initial_model(run)
@@ -125,7 +125,7 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def main_process_first(run: Run) -> contextlib.AbstractContextManager:
+def main_process_first(folder: Path) -> contextlib.AbstractContextManager:
     """Under ``torchrun`` / ``accelerate launch``: the first process runs the block, then the others.
 
     Uses the trainer's own distributed setup (``TrainingArguments.main_process_first``), so the process
@@ -138,7 +138,7 @@ def main_process_first(run: Run) -> contextlib.AbstractContextManager:
     from retromae_st.training import launcher_args
 
     args = SentenceTransformerTrainingArguments(
-        output_dir=str(run.folder / "checkpoints"), report_to="none", **launcher_args()
+        output_dir=str(folder / "checkpoints"), report_to="none", **launcher_args()
     )
     return args.main_process_first(local=False, desc="preparing the run")
 
