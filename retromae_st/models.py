@@ -183,12 +183,7 @@ def load_encoder(
             )
             if max_seq_length is not None:
                 config = getattr(getattr(model[0], "auto_model", None), "config", None)
-                positions = getattr(config, "max_position_embeddings", None)
-                if positions is not None and max_seq_length > positions:
-                    raise UserInputError(
-                        f"max_seq_length={max_seq_length} exceeds the {positions} positions of {name_or_path}: "
-                        f"use max_seq_length <= {positions}."
-                    )
+                _check_positions(config, max_seq_length, name_or_path)
                 model.max_seq_length = max_seq_length
             return model
         return _assemble(
@@ -216,12 +211,8 @@ def _assemble(
     if trust_remote_code:
         model_kwargs = {**(model_kwargs or {}), "trust_remote_code": True}
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    positions = getattr(config, "max_position_embeddings", None)
-    if max_seq_length is not None and positions is not None and max_seq_length > positions:
-        raise UserInputError(
-            f"max_seq_length={max_seq_length} exceeds the {positions} positions of {name_or_path}: "
-            f"use max_seq_length <= {positions}."
-        )
+    if max_seq_length is not None:
+        _check_positions(config, max_seq_length, name_or_path)
     transformer = Transformer(
         name_or_path,
         max_seq_length=max_seq_length,
@@ -231,6 +222,15 @@ def _assemble(
     )
     pooling_module = Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling)
     return SentenceTransformer(modules=[transformer, pooling_module])
+
+
+def _check_positions(config: Any, max_seq_length: int, name_or_path: str) -> None:
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and max_seq_length > positions:
+        raise UserInputError(
+            f"max_seq_length={max_seq_length} exceeds the {positions} positions of {name_or_path}: "
+            f"use max_seq_length <= {positions}."
+        )
 
 
 def _offline() -> bool:
