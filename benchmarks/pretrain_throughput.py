@@ -271,16 +271,7 @@ class Variant:
             if name.endswith("compile"):
                 self.forward = torch.compile(self._ours_forward, dynamic=True)
         else:
-            shape = PRESETS[preset]
-            config = BertConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=shape.hidden,
-                num_hidden_layers=shape.layers,
-                num_attention_heads=shape.heads,
-                intermediate_size=shape.intermediate,
-                max_position_embeddings=shape.max_positions,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+            config = PRESETS[preset].bert_config(tokenizer)
             self.reference = ReferenceRetroMAE(config).to(device)
             self.collator = ReferenceCollator(tokenizer)
             self.module = self.reference

@@ -37,6 +37,18 @@ class Preset:
     intermediate: int
     max_positions: int = 512
 
+    def bert_config(self, tokenizer: PreTrainedTokenizerBase) -> BertConfig:
+        """The BERT configuration of this shape for ``tokenizer``'s vocabulary."""
+        return BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=self.hidden,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            intermediate_size=self.intermediate,
+            max_position_embeddings=self.max_positions,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
 
 PRESETS: dict[str, Preset] = {
     # CPU minutes: tests and the offline quickstart.
@@ -124,15 +136,7 @@ def build_model(
         )
     if tokenizer.mask_token_id is None:
         raise UserInputError("the tokenizer has no mask token; RetroMAE needs one (e.g. '[MASK]').")
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=shape.hidden,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        intermediate_size=shape.intermediate,
-        max_position_embeddings=shape.max_positions,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = shape.bert_config(tokenizer)
     if seed is not None:
         torch.manual_seed(seed)
     folder = Path(save_dir) if save_dir is not None else Path(tempfile.mkdtemp(prefix="retromae-init-"))
