@@ -64,6 +64,11 @@ class Run:
         return (stage / "final" / "modules.json").is_file() or (stage / "modules.json").is_file()
 
 
+def load_own_model(folder: Path) -> SentenceTransformer:
+    """Reload a model this run wrote (init/ or a stage's final/): stock modules, safetensors only."""
+    return SentenceTransformer(str(folder), model_kwargs={"use_safetensors": True})
+
+
 def add_file_logging(folder: Path) -> logging.Handler:
     """Log everything (ours, the trainer's) to ``folder/run.log`` as well as the console."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -188,7 +193,7 @@ def initial_model(run: Run) -> SentenceTransformer:
         )
     if Run.done(run.init):
         logger.info("Reusing the initial model in %s", run.init)
-        return SentenceTransformer(str(run.init), model_kwargs={"use_safetensors": True})
+        return load_own_model(run.init)
     if spec.tokenizer is not None:
         from transformers import AutoTokenizer
 
@@ -204,7 +209,7 @@ def initial_model(run: Run) -> SentenceTransformer:
         )  # fmt: skip
         model.save_pretrained(str(tmp))
         shutil.rmtree(tmp / "weights")
-    return SentenceTransformer(str(run.init), model_kwargs={"use_safetensors": True})
+    return load_own_model(run.init)
 
 
 def tokenizer_texts(run: Run) -> list[str]:
@@ -250,7 +255,7 @@ def stage1(run: Run, model: SentenceTransformer) -> SentenceTransformer:
     final = run.stage1 / "final"
     if Run.done(run.stage1):
         logger.info("Stage 1 is complete (%s): skipped", final)
-        return SentenceTransformer(str(final), model_kwargs={"use_safetensors": True})
+        return load_own_model(final)
     spec = run.recipe.pretrain
     windows, stats = tokenize_corpus(
         run.corpus(),
@@ -329,7 +334,7 @@ def stage2(run: Run, model: SentenceTransformer) -> SentenceTransformer:
     final = run.stage2 / "final"
     if Run.done(run.stage2):
         logger.info("Stage 2 is complete (%s): skipped", final)
-        return SentenceTransformer(str(final), model_kwargs={"use_safetensors": True})
+        return load_own_model(final)
     spec = run.recipe.finetune
     pairs, dev = pair_datasets(run.recipe, run)
     logger.info("Stage 2 data: %d training pairs from %s", len(pairs), spec.train)
