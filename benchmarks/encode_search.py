@@ -3,13 +3,18 @@
 1. Encoding: a model folder as the pipeline writes it, loaded with ``retromae_st.models.load_encoder``,
    against the same folder loaded as a plain ``SentenceTransformer``; the two must match within noise
    (they are the same stock modules). Runs alternate to spread machine noise over both.
-2. Search: exact (``IndexFlatIP``) vs HNSW vs IVF-PQ on ``--vectors`` unit vectors (clustered random
-   vectors by default): build time, queries/s and Recall@10 against exact search.
+2. Search: exact (``IndexFlatIP``) vs HNSW vs IVF-PQ on ``--vectors`` unit vectors: build time, queries/s
+   and Recall@10 against exact search. ``--search-vectors synthetic`` (default) draws clustered random
+   vectors; ``--search-vectors model`` encodes real text with the benchmarked model (a trained one, e.g. a
+   recipe's ``final/``): the ``--data`` corpus documents, its queries and the documents' sentences, up to
+   ``--vectors`` + ``--queries`` distinct texts, the queries drawn at random from them and held out.
 
 Writes ``<output-dir>/<name>.json`` and ``<name>.md``. Example::
 
     python benchmarks/encode_search.py --data ../shared/data/debian-pkgs            # full run
     python benchmarks/encode_search.py --quick --name encode_search_quick           # smoke run
+    python benchmarks/encode_search.py --model runs/quickstart/stage2/final --data ../shared/data/debian-pkgs \
+        --search-vectors model --name encode_search_real                           # real embeddings
 """
 
 from __future__ import annotations
@@ -54,7 +59,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-seq-length", type=int, default=128)
     parser.add_argument("--vectors", type=int, default=100_000, help="database size for the search benchmark")
     parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--dim", type=int, default=256, help="dimension of synthetic vectors")
+    parser.add_argument(
+        "--search-vectors",
+        choices=["synthetic", "model"],
+        default="synthetic",
+        help="search over clustered random vectors, or over the model's embeddings of --data texts",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch and faiss threads (default 2)")
     parser.add_argument(
         "--indexes", default="flat,hnsw,ivfpq", help="comma-separated index names or factory strings"
@@ -64,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", default=None, help="result file stem (default encode_search[_quick])")
     parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
     args = parser.parse_args(argv)
+    if args.search_vectors == "model" and not args.data:
+        parser.error("--search-vectors model needs --data (a BEIR folder whose texts are encoded)")
     if args.quick:
         args.texts, args.repeats, args.vectors, args.queries = min(args.texts, 300), 2, 5000, 200
     args.name = args.name or ("encode_search_quick" if args.quick else "encode_search")
@@ -144,9 +157,55 @@ def clustered_vectors(count: int, dim: int, seed: int) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def bench_search(args: argparse.Namespace) -> dict[str, Any]:
-    database = clustered_vectors(args.vectors, args.dim, seed=0)
-    queries = clustered_vectors(args.queries, args.dim, seed=1)
+def text_units(data: str, count: int) -> list[str]:
+    """Up to ``count`` distinct real texts of a BEIR folder: documents, queries, then documents' sentences."""
+    folder = Path(data)
+    documents = [
+        f"{r.get('title') or ''} {r.get('text') or ''}".strip() for r in _jsonl(folder / "corpus.jsonl")
+    ]
+    queries = (
+        [r.get("text") or "" for r in _jsonl(folder / "queries.jsonl")]
+        if (folder / "queries.jsonl").is_file()
+        else []
+    )
+    sentences = [s.strip() for doc in documents for s in doc.split(". ") if len(s.split()) >= 4]
+    # dict.fromkeys: de-duplicate while keeping the order (documents first).
+    units = [t for t in dict.fromkeys([*documents, *queries, *sentences]) if t]
+    return units[:count]
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise UserInputError(f"{path} is missing: --data must be a BEIR folder.")
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def model_vectors(args: argparse.Namespace, folder: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """The model's unit embeddings of real texts: (database, held-out queries, description)."""
+    texts = text_units(args.data, args.vectors + args.queries)
+    if len(texts) < args.queries + 1000:
+        raise UserInputError(
+            f"{args.data} yields only {len(texts)} distinct texts; lower --vectors/--queries."
+        )
+    model = load_encoder(str(folder), max_seq_length=args.max_seq_length)
+    logger.info("encoding %d texts for the search benchmark", len(texts))
+    vectors = model.encode(
+        texts, batch_size=128, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=True
+    ).astype(np.float32)
+    held_out = np.random.default_rng(1).permutation(len(texts))
+    queries, database = vectors[held_out[: args.queries]], vectors[held_out[args.queries :]]
+    return database, queries, f"embeddings of {Path(args.data).name} texts by {folder}"
+
+
+def bench_search(args: argparse.Namespace, folder: Path | None = None) -> dict[str, Any]:
+    if args.search_vectors == "model":
+        database, queries, source = model_vectors(args, folder)
+    else:
+        database = clustered_vectors(args.vectors, args.dim, seed=0)
+        queries = clustered_vectors(args.queries, args.dim, seed=1)
+        source = "clustered random unit vectors"
+    count, dim = database.shape
     rows, exact_ids = [], None
     for name in args.indexes.split(","):
         begin = time.perf_counter()
@@ -154,13 +213,13 @@ def bench_search(args: argparse.Namespace) -> dict[str, Any]:
         build_s = time.perf_counter() - begin
         _, ids, qps = timed_search(index, queries, 10)
         if exact_ids is None:
-            if factory_string(name, args.vectors, args.dim) != "Flat":
+            if factory_string(name, count, dim) != "Flat":
                 raise UserInputError("--indexes must start with 'flat': it is the reference for Recall@10.")
             exact_ids = ids
         rows.append(
             {
                 "index": name,
-                "factory": factory_string(name, args.vectors, args.dim),
+                "factory": factory_string(name, count, dim),
                 "build_s": build_s,
                 "queries_per_s": qps,
                 "recall@10_vs_exact": recall_vs_exact(ids, exact_ids, 10),
@@ -170,10 +229,10 @@ def bench_search(args: argparse.Namespace) -> dict[str, Any]:
             "%s: build %.1fs, %.0f q/s, recall@10 %.3f", name, build_s, qps, rows[-1]["recall@10_vs_exact"]
         )
     return {
-        "vectors": args.vectors,
-        "queries": args.queries,
-        "dim": args.dim,
-        "data": "clustered random unit vectors",
+        "vectors": count,
+        "queries": len(queries),
+        "dim": dim,
+        "data": source,
         "indexes": rows,
     }
 
@@ -224,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="bench-model-") as workdir:
             folder = model_folder(args, texts, Path(workdir))
             encoding = bench_encoding(args, folder, texts)
-        search = bench_search(args)
+            search = bench_search(args, folder)
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -4,8 +4,10 @@ A training step is collate + forward + backward + gradient clipping + AdamW step
 on the same batches (same windows, same dynamic padding), interleaved step by step in one process:
 
 * ``ours``: :class:`retromae_st.loss.RetroMAELoss` on batches from :class:`retromae_st.corpus.PaddingCollator`,
-  as users run it (masking on the device, SDPA attention, MLM heads only where there are labels, chunked
-  vocabulary cross-entropy).
+  as users run it (masking on the device, each batch run as up to 4 length groups padded only to their own
+  longest row, SDPA attention, MLM heads only where there are labels, chunked vocabulary cross-entropy).
+  The batches are random, not length-grouped (``pretrain()`` would group them by length, which helps ours
+  further).
 * ``reference``: written here to do what FlagEmbedding's ``retromae_pretrain`` (and staoxiao/RetroMAE) does
   every step: a per-example Python collator that masks whole words on token strings (``##`` pieces, as
   ``DataCollatorForWholeWordMask``) and builds the decoder's [B, L, L] int64 visibility matrix from a pool of
@@ -57,6 +59,7 @@ from retromae_st.corpus import PaddingCollator, load_texts, tokenize_corpus
 from retromae_st.io import atomic_write_json, atomic_write_text
 from retromae_st.loss import RetroMAELoss
 from retromae_st.models import PRESETS, build_model, train_wordpiece_tokenizer
+from retromae_st.unpadding import plan_length_groups
 
 logger = logging.getLogger("benchmarks.pretrain_throughput")
 
@@ -279,8 +282,12 @@ class Variant:
         self.module.train()
         decay = [p for n, p in self.module.named_parameters() if p.ndim > 1]
         no_decay = [p for n, p in self.module.named_parameters() if p.ndim <= 1]
+        # Both sides: the transformers trainer's default optimizer with torch >= 2.8 ("adamw_torch_fused"),
+        # which is what a user of either code base gets today.
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-4
+            [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=1e-4,
+            fused=True,
         )
 
     def collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -330,20 +337,27 @@ def step_flops(
     """Analytic FLOPs of one training step (forward + backward = 3 x forward matmul FLOPs).
 
     Per transformer layer over B x L tokens: 2 T (4 D^2 + 2 D F) for the projections and 4 B L^2 D for the two
-    attention matmuls. Heads: transform 2 N D^2 plus vocabulary projection 2 N D V over N rows: all B x L
+    attention matmuls (encoder layers + one decoder layer). The reference runs the whole batch padded to its
+    longest row; ours runs the length groups :func:`retromae_st.unpadding.plan_length_groups` plans (the
+    work it really does). Heads: transform 2 N D^2 plus vocabulary projection 2 N D V over N rows: all B x L
     positions twice for the reference; the encoder-masked tokens plus the decoder's targets for ours.
     """
     shape = PRESETS[preset]
     batch, length = len(rows), max(len(r) for r in rows)
     real = sum(len(r) for r in rows)
     d, f = shape.hidden, shape.intermediate
-    tokens = batch * length
-    layer = 2 * tokens * (4 * d * d + 2 * d * f) + 4 * batch * length * length * d
-    body = (shape.layers + 1) * layer
+
+    def layer(rows_: int, length_: int) -> float:
+        return 2 * rows_ * length_ * (4 * d * d + 2 * d * f) + 4 * rows_ * length_ * length_ * d
+
     if variant.startswith("ours"):
+        mask = torch.arange(length).unsqueeze(0) < torch.tensor([len(r) for r in rows]).unsqueeze(1)
+        groups = plan_length_groups(mask, RetroMAELoss.DEFAULT_LENGTH_GROUPS, d)
+        body = (shape.layers + 1) * sum(layer(g.size, g.length) for g in groups)
         head_rows = encoder_ratio * (real - 2 * batch) + (real - 2 * batch)
     else:
-        head_rows = 2 * tokens
+        body = (shape.layers + 1) * layer(batch, length)
+        head_rows = 2 * batch * length
     heads = head_rows * (2 * d * d + 2 * d * vocab)
     return 3.0 * (body + heads)
 
@@ -668,8 +682,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"(2048^3): fp32 {report['peak_gflops']['fp32']:.1f} GFLOP/s, bf16 {report['peak_gflops']['bf16']:.1f} "
         "GFLOP/s.",
         "",
-        "Step = collate + forward + backward + clip + AdamW. Same batches for both (random windows, each batch "
-        "padded to its longest). Times: mean over the timed steps, variants interleaved step by step. "
+        "Step = collate + forward + backward + clip + AdamW (fused, the trainer's default, both). Same batches for both (random windows, each batch "
+        "padded to its longest; ours then runs it as up to 4 length groups, each padded to its own longest "
+        "row, `RetroMAELoss(max_length_groups=4)`, the default; pad % is the batch's). Times: mean over the timed steps, variants interleaved step by step. "
         "Peak RSS: each variant alone in a subprocess, two steps on the longest batch of the schedule.",
         "",
         "| size | L | vocab | batch | pad % | variant | s/step (median) | real tok/s | GFLOP/s | % fp32 peak "

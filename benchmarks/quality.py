@@ -1,16 +1,20 @@
 """Benchmark: does RetroMAE pretraining pay off after contrastive fine-tuning?
 
-From one from-scratch model and corpus-trained tokenizer per seed, stage 1 runs one of:
+From one from-scratch model and corpus-trained tokenizer per seed, stage 1 runs one of (arm names are
+``<method>-<pooling>``, pooling ``cls`` or ``mean``, the sentence vector stage 1 trains and stage 2 fine-tunes):
 
-* ``retromae``: :class:`retromae_st.loss.RetroMAELoss` (CLS pooling);
-* ``mlm``: the same whole-word encoder masking and MLM head, no decoder (``MLMOnlyLoss`` below, CLS pooling);
-* ``tsdae``: Sentence-Transformers' ``DenoisingAutoEncoderLoss`` on (60%-deleted text, text) pairs (CLS);
-* ``none-cls`` / ``none-mean``: no pretraining, CLS or mean pooling (from random init CLS pooling hardly
-  learns under MNRL, mean pooling does, so the mean-pooled baseline is the one to beat).
+* ``retromae-*``: :class:`retromae_st.loss.RetroMAELoss` (with mean pooling the decoder reads the mean vector);
+* ``mlm-*``: the same whole-word encoder masking and MLM head, no decoder (``MLMOnlyLoss`` below);
+* ``tsdae-*``: Sentence-Transformers' ``DenoisingAutoEncoderLoss`` on (60%-deleted text, text) pairs;
+* ``none-cls`` / ``none-mean``: no pretraining.
 
-Stage 1 runs at equal steps (``--stage1-steps`` for every arm) and at equal wall-clock (``mlm@time`` and
-``tsdae@time`` get as many steps as fit in the time ``retromae`` took, from each arm's measured s/step).
-Every stage-1 result is then fine-tuned identically with MultipleNegativesRankingLoss
+Why both poolings: from random init, CLS pooling does not learn under MNRL at CPU-minute budgets (the
+stage-2 loss stays at ln(batch size)), while mean pooling does. The mean-pooled arms answer "does stage 1
+help?" at a level where stage 2 works; the CLS arms show whether stage 1 made [CLS] carry the text.
+
+Stage 1 runs at equal steps (``--stage1-steps`` for every arm) and at equal wall-clock (``mlm-*@time`` and
+``tsdae-*@time`` get as many steps as fit in the time ``retromae-*`` took, from each arm's measured
+s/step). Every stage-1 result is then fine-tuned identically with MultipleNegativesRankingLoss
 (:func:`retromae_st.finetune.finetune`) on the full ``train`` pairs and on a 1,000-pair subset
 (label-scarce), and evaluated (exact cosine search, pytrec_eval via :mod:`retromae_st.evaluation.metrics`):
 nDCG@10 and Recall@100 on the BEIR ``test`` split, by default a 5,000-document subset of the debian-pkgs
@@ -60,7 +64,9 @@ from retromae_st.training import pretrain
 logger = logging.getLogger("benchmarks.quality")
 
 DATA = Path("/work/shared/data")
-ARMS = ["retromae", "mlm", "tsdae", "none-cls", "none-mean"]
+METHODS = ["retromae", "mlm", "tsdae", "none"]
+ARMS = [f"{method}-{pooling}" for method in METHODS for pooling in ("cls", "mean")]
+DEFAULT_ARMS = ["retromae-mean", "mlm-mean", "tsdae-mean", "none-mean", "retromae-cls", "none-cls"]
 
 
 class MLMOnlyLoss(RetroMAELoss):
@@ -189,7 +195,8 @@ def stage1(
 ) -> tuple[Path, dict[str, Any]]:
     """Pretrain ``arm`` for ``steps`` steps from ``init_dir``; returns the model folder and timing."""
     timer = StepTimer()
-    model = load_encoder(str(init_dir), max_seq_length=args.max_len, pooling="cls")
+    method, pooling = arm.split("-")
+    model = load_encoder(str(init_dir), max_seq_length=args.max_len, pooling=pooling)
     common = dict(
         batch_size=args.stage1_batch,
         learning_rate=args.stage1_lr,
@@ -201,8 +208,8 @@ def stage1(
         resume=False,
         callbacks=[timer],
     )
-    if arm in ("retromae", "mlm"):
-        loss = RetroMAELoss(model) if arm == "retromae" else MLMOnlyLoss(model)
+    if method in ("retromae", "mlm"):
+        loss = RetroMAELoss(model) if method == "retromae" else MLMOnlyLoss(model)
         pretrain(model, windows, out_dir, loss=loss, **common)
         folder = out_dir / "final"
         log = (
@@ -210,7 +217,7 @@ def stage1(
             if (out_dir / "training_log.json").exists()
             else []
         )
-    elif arm == "tsdae":
+    elif method == "tsdae":
         from sentence_transformers.sentence_transformer.losses import DenoisingAutoEncoderLoss
         from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
         from sentence_transformers.sentence_transformer.training_args import (
@@ -275,9 +282,11 @@ def stage2(
     args: argparse.Namespace,
     seed: int,
 ) -> tuple[SentenceTransformer, dict[str, Any]]:
+    # A stage-1 folder is a Sentence-Transformers model that keeps its own pooling; the init folder
+    # is plain transformers and gets ``pooling``.
     model = load_encoder(str(model_dir), max_seq_length=args.max_len, pooling=pooling)
-    if pooling != "cls" and (model_dir / "modules.json").exists():
-        raise ValueError("pooling override needs a plain transformers folder")
+    if model[1].pooling_mode != pooling:
+        raise ValueError(f"{model_dir} pools by {model[1].pooling_mode}, expected {pooling}")
     start = time.perf_counter()
     model = finetune(
         model,
@@ -326,7 +335,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--test-docs", type=int, default=5000, help="test corpus subset (all judged docs kept)"
     )
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument(
+        "--arms", default=",".join(DEFAULT_ARMS), help=f"comma list of <method>-<pooling> from {ARMS}"
+    )
     parser.add_argument("--preset", default="retromae-tiny")
     parser.add_argument("--vocab-size", type=int, default=4000)
     parser.add_argument("--max-len", type=int, default=128)
@@ -395,17 +406,20 @@ def main(argv: list[str] | None = None) -> None:
         build_model(args.preset, tokenizer, max_seq_length=args.max_len, save_dir=init_dir, seed=seed)
         stage1_runs: dict[str, tuple[Path, str, dict[str, Any]]] = {}
         for arm in args.arm_list:
-            if arm.startswith("none"):
-                stage1_runs[arm] = (init_dir, arm.split("-")[1], {"steps": 0, "seconds": 0.0})
+            method, pooling = arm.split("-")
+            if method == "none":
+                stage1_runs[arm] = (init_dir, pooling, {"steps": 0, "seconds": 0.0})
                 continue
             folder, info = stage1(
                 arm, args.stage1_steps, init_dir, work / f"seed{seed}" / arm, windows, texts, args, seed
             )
-            stage1_runs[arm] = (folder, "cls", info)
+            stage1_runs[arm] = (folder, pooling, info)
             logger.info("seed %d stage 1 %s: %s", seed, arm, info)
-        if not args.no_equal_time and "retromae" in stage1_runs:
-            budget = stage1_runs["retromae"][2]["seconds"]
-            for arm in ("mlm", "tsdae"):
+        for pooling in ("cls", "mean"):
+            if args.no_equal_time or f"retromae-{pooling}" not in stage1_runs:
+                continue
+            budget = stage1_runs[f"retromae-{pooling}"][2]["seconds"]
+            for arm in (f"mlm-{pooling}", f"tsdae-{pooling}"):
                 if arm not in stage1_runs:
                     continue
                 steps = max(1, round(budget / stage1_runs[arm][2]["s_per_step"]))
@@ -413,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
                     arm, steps, init_dir, work / f"seed{seed}" / f"{arm}@time", windows, texts, args, seed
                 )
                 info["budget_seconds"] = budget
-                stage1_runs[f"{arm}@time"] = (folder, "cls", info)
+                stage1_runs[f"{arm}@time"] = (folder, pooling, info)
                 logger.info("seed %d stage 1 %s@time: %s", seed, arm, info)
         for arm, (folder, pooling, info) in stage1_runs.items():
             cos1 = mean_cosine(load_encoder(str(folder), max_seq_length=args.max_len, pooling=pooling), probe)

@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--decoding", choices=["enhanced", "basic"], default="enhanced", help="decoder variant")
     pre.add_argument("--decoder-layers", type=int, default=1, help="decoder layers (default 1)")
     pre.add_argument("--bow-weight", type=float, default=0.0, help="DupMAE bag-of-words weight (0 = off)")
+    pre.add_argument(
+        "--max-length-groups",
+        type=int,
+        default=4,
+        help="run each batch as up to this many sub-batches of similar length, less padding (1 = off)",
+    )
     _training(pre, lr=1e-4, batch=32)
     _common(pre)
 
@@ -251,6 +257,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
             "decoding": args.decoding,
             "decoder_layers": args.decoder_layers,
             "bow_weight": args.bow_weight,
+            "max_length_groups": args.max_length_groups,
         },
         batch_size=args.batch_size,
         learning_rate=args.lr,

@@ -61,9 +61,11 @@ class DecoderLayer(nn.Module):
         activation: str,
         dropout: float,
         eps: float,
+        attention_dropout: float | None = None,
     ) -> None:
         super().__init__()
-        self.attention = DecoderAttention(hidden_size, heads, dropout)
+        attention_dropout = dropout if attention_dropout is None else attention_dropout
+        self.attention = DecoderAttention(hidden_size, heads, attention_dropout)
         self.attention_norm = nn.LayerNorm(hidden_size, eps=eps)
         self.intermediate = nn.Linear(hidden_size, intermediate_size)
         self.activation = get_activation(activation)
@@ -87,6 +89,9 @@ class RetroMAEDecoder(nn.Module):
         layers: number of layers; layers after the first take the previous output as queries and the
             same content stream as keys/values (enhanced) or themselves (basic).
         activation, dropout, eps: as the encoder's config.
+        attention_dropout: dropout on the attention weights (the encoder's; default ``dropout``). At 0,
+            ``scaled_dot_product_attention`` can use its fused kernel on CPU too (it falls back to the
+            unfused path, which keeps the [B, H, L, L] weights, whenever dropout is on).
         own_positions: the number of positions of a decoder-owned position table, for encoders with
             rotary positions (ModernBERT) whose embedding module carries no position information.
     """
@@ -101,10 +106,11 @@ class RetroMAEDecoder(nn.Module):
         dropout: float = 0.1,
         eps: float = 1e-12,
         own_positions: int | None = None,
+        attention_dropout: float | None = None,
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            DecoderLayer(hidden_size, heads, intermediate_size, activation, dropout, eps)
+            DecoderLayer(hidden_size, heads, intermediate_size, activation, dropout, eps, attention_dropout)
             for _ in range(layers)
         )
         self.position_embeddings = nn.Embedding(own_positions, hidden_size) if own_positions else None

@@ -82,6 +82,14 @@ class EncoderAdapter:
                 return value
         return 0.1
 
+    @property
+    def attention_dropout(self) -> float:
+        for name in ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop"):
+            value = getattr(self.config, name, None)
+            if isinstance(value, float):
+                return value
+        return self.hidden_dropout
+
     def content_stream(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
         """The embedding module on the unmasked ids: [B, L] -> [B, L, D]."""
         if self.model_type == "distilbert":

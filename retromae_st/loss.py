@@ -30,6 +30,7 @@ from retromae_st.masking import (
     encoder_mask,
     word_ids,
 )
+from retromae_st.unpadding import plan_length_groups, select_rows
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ RETROMAE_CITATION = """
 
 
 class RetroMAELoss(nn.Module):
+    DEFAULT_LENGTH_GROUPS = 4
+
     def __init__(
         self,
         model: SentenceTransformer,
@@ -62,6 +65,7 @@ class RetroMAELoss(nn.Module):
         bow_weight: float = 0.0,
         query_stream: Literal["layernorm", "plain"] = "layernorm",
         chunk_rows: int | None = None,
+        max_length_groups: int = DEFAULT_LENGTH_GROUPS,
         check_finite: bool = True,
     ) -> None:
         r"""RetroMAE: the sentence embedding must carry the whole text, because a shallow decoder has to
@@ -95,6 +99,10 @@ class RetroMAELoss(nn.Module):
                 FlagEmbedding) or ``"plain"`` (h + position embedding, as staoxiao/RetroMAE).
             chunk_rows: rows per chunk of the vocabulary-wide cross-entropy; default keeps one chunk's
                 logits near 128 MiB.
+            max_length_groups: run each batch as at most this many sub-batches of rows of similar
+                length, each padded only to its own longest row (:mod:`retromae_st.unpadding`). The loss
+                and its gradients are those of the whole batch (every term is per row); only the compute
+                spent on padding goes. 1 runs the batch as it comes.
             check_finite: raise :class:`NonFiniteLossError` naming the component when a loss is NaN/inf.
 
         References:
@@ -150,6 +158,14 @@ class RetroMAELoss(nn.Module):
             raise ValueError(f"bow_weight={bow_weight!r} must be a finite number >= 0 (0 turns DupMAE off).")
         if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
             raise ValueError(f"chunk_rows={chunk_rows!r} must be an integer >= 1.")
+        if (
+            isinstance(max_length_groups, bool)
+            or not isinstance(max_length_groups, int)
+            or max_length_groups < 1
+        ):
+            raise ValueError(
+                f"max_length_groups={max_length_groups!r} must be an integer >= 1 (1: no split)."
+            )
 
         self.model = model
         self.encoder_mask_ratio = float(encoder_mask_ratio)
@@ -157,6 +173,7 @@ class RetroMAELoss(nn.Module):
         self.decoding = decoding
         self.bow_weight = float(bow_weight)
         self.query_stream_form = query_stream
+        self.max_length_groups = max_length_groups
         self.check_finite = check_finite
         self.current_step: int | None = None  # set by the training callback, for error messages
         self.callback_attached = False
@@ -198,6 +215,7 @@ class RetroMAELoss(nn.Module):
             dropout=adapter.hidden_dropout,
             eps=adapter.layer_norm_eps,
             own_positions=own_positions,
+            attention_dropout=adapter.attention_dropout,  # a BertLayer with the encoder's config, as the paper
         )
 
     # -- the step -------------------------------------------------------------------------------------
@@ -221,40 +239,73 @@ class RetroMAELoss(nn.Module):
         tables = self.vocab_tables()
         words = word_ids(input_ids, attention_mask, tables)  # [B, L]
 
-        # Encoder: masked input -> token states [B, L, D] and the sentence embedding h [B, D].
+        # Every random draw is made here, on the whole batch, so splitting it below changes nothing.
         encoder_ids, encoder_labels = encoder_mask(input_ids, words, tables, self.encoder_mask_ratio)
-        output = self.model({**features, "input_ids": encoder_ids})
-        token_states, sentence_embedding = output["token_embeddings"], output["sentence_embedding"]
-        adapter = self.encoder()
-        embedding_weight = adapter.word_embeddings.weight  # [V, D], tied vocab projection
-
-        losses = {"encoder_mlm": self._mlm_loss(token_states, encoder_labels, embedding_weight)}
         if self.decoding == "enhanced":
-            decoder_states, targets = self._enhanced(adapter, features, sentence_embedding, words)
+            decoder_ids = input_ids
+            visible = decoder_visibility(words, attention_mask, self.decoder_mask_ratio)  # [B, L, L]
+            targets = decoder_labels(input_ids, attention_mask)  # [B, L]
         else:
-            decoder_states, targets = self._basic(adapter, features, sentence_embedding, words, tables)
-        losses["decoder"] = self._mlm_loss(decoder_states, targets, embedding_weight)
-        if self.bow_weight > 0:
-            losses["bow"] = self.bow_weight * self._bow_loss(token_states, input_ids, attention_mask, tables)
+            decoder_ids, targets = basic_decoder_input(input_ids, words, tables, self.decoder_mask_ratio)
+            visible = None
+
+        adapter = self.encoder()
+        batch, width = input_ids.shape
+        encoder_parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (states [n, D], labels [n])
+        decoder_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        bow_sum = None
+        for group in plan_length_groups(attention_mask, self.max_length_groups, adapter.hidden_size):
+            rows, length = group.rows, group.length  # [b] rows, each padded to `length` (l) only
+            part = select_rows(features, group, batch, width)
+
+            # Encoder: masked input -> token states [b, l, D] and the sentence embedding h [b, D].
+            output = self.model({**part, "input_ids": encoder_ids[rows, :length]})
+            token_states, sentence_embedding = output["token_embeddings"], output["sentence_embedding"]
+            encoder_parts.append(_labelled(token_states, encoder_labels[rows, :length]))
+
+            # Decoder: h and the unmasked text (enhanced) or a masked copy (basic) -> states [b, l, D].
+            if visible is not None:
+                group_visible = visible[rows, :length, :length]  # [b, l, l]
+                decoder_states = self._enhanced(adapter, part, sentence_embedding, group_visible)
+            else:
+                decoder_states = self._basic(adapter, part, sentence_embedding, decoder_ids[rows, :length])
+            decoder_parts.append(_labelled(decoder_states, targets[rows, :length]))
+
+            if self.bow_weight > 0:
+                group_bow = self._bow_loss(token_states, part["input_ids"], part["attention_mask"], tables)
+                group_bow = group_bow * group.size  # a mean over the group's rows -> their sum
+                bow_sum = group_bow if bow_sum is None else bow_sum + group_bow
+
+        # One vocabulary-wide pass per head over every group's labelled positions: [N, D] -> scalar.
+        embedding_weight = adapter.word_embeddings.weight  # [V, D], tied vocab projection
+        losses = {
+            "encoder_mlm": self._mlm_loss(encoder_parts, embedding_weight),
+            "decoder": self._mlm_loss(decoder_parts, embedding_weight),
+        }
+        if bow_sum is not None:
+            losses["bow"] = self.bow_weight * bow_sum / batch
         if self.check_finite:
             self._check_finite(losses)
         return losses
 
     def _mlm_loss(
-        self, states: torch.Tensor, labels: torch.Tensor, embedding_weight: torch.Tensor
+        self, parts: list[tuple[torch.Tensor, torch.Tensor]], embedding_weight: torch.Tensor
     ) -> torch.Tensor:
-        """The shared head at labelled positions only: [B, L, D] -> [N, D] -> scalar."""
-        labelled = labels != IGNORE_INDEX
-        return self.head.loss(states[labelled], labels[labelled], embedding_weight, self.chunk_rows)
+        """The shared head's mean cross-entropy over the labelled positions of every group."""
+        states = parts[0][0] if len(parts) == 1 else torch.cat([states for states, _ in parts])  # [N, D]
+        labels = parts[0][1] if len(parts) == 1 else torch.cat([labels for _, labels in parts])  # [N]
+        return self.head.loss(states, labels, embedding_weight, self.chunk_rows)
 
     def _enhanced(
         self,
         adapter: EncoderAdapter,
         features: dict[str, torch.Tensor],
         sentence_embedding: torch.Tensor,
-        words: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        input_ids, attention_mask = features["input_ids"], features["attention_mask"]
+        visible: torch.Tensor,
+    ) -> torch.Tensor:
+        """Two-stream decoding: the query stream (h + position) attends to the content stream under the
+        per-position visibility [B, L, L]; returns the query stream's states [B, L, D]."""
+        input_ids = features["input_ids"]
         length = input_ids.shape[1]
         content = self._embed(
             adapter, input_ids, features.get("token_type_ids"), sentence_embedding
@@ -263,22 +314,18 @@ class RetroMAELoss(nn.Module):
             query = adapter.query_stream(sentence_embedding, length, self.decoder.position_embeddings)
         else:
             query = adapter.plain_query_stream(sentence_embedding, length, self.decoder.position_embeddings)
-        visible = decoder_visibility(words, attention_mask, self.decoder_mask_ratio)  # [B, L, L]
-        return self.decoder.enhanced(query, content, visible), decoder_labels(input_ids, attention_mask)
+        return self.decoder.enhanced(query, content, visible)
 
     def _basic(
         self,
         adapter: EncoderAdapter,
         features: dict[str, torch.Tensor],
         sentence_embedding: torch.Tensor,
-        words: torch.Tensor,
-        tables: VocabTables,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        masked_ids, targets = basic_decoder_input(
-            features["input_ids"], words, tables, self.decoder_mask_ratio
-        )
+        masked_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """Basic decoding: self-attention over h and a masked copy of the text; states [B, L, D]."""
         hidden = self._embed(adapter, masked_ids, features.get("token_type_ids"), sentence_embedding)
-        return self.decoder.basic(hidden, features["attention_mask"]), targets
+        return self.decoder.basic(hidden, features["attention_mask"])
 
     def _embed(
         self,
@@ -387,11 +434,18 @@ class RetroMAELoss(nn.Module):
             "decoder_heads": self.decoder_heads,
             "bow_weight": self.bow_weight,
             "query_stream": self.query_stream_form,
+            "max_length_groups": self.max_length_groups,
         }
 
     @property
     def citation(self) -> str:
         return RETROMAE_CITATION
+
+
+def _labelled(states: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The states and labels of the labelled positions only: [B, L, D], [B, L] -> [n, D], [n]."""
+    where = labels != IGNORE_INDEX
+    return states[where], labels[where]
 
 
 def _check_ratio(name: str, value: float) -> None:

@@ -56,6 +56,7 @@ class RetroMAEOptions(_Section):
     decoder_layers: int = Field(default=1, ge=1)
     decoder_heads: int | None = Field(default=None, ge=1)
     bow_weight: float = Field(default=0.0, ge=0)
+    max_length_groups: int = Field(default=4, ge=1, description="sub-batches of similar length (1: off)")
 
 
 class PretrainSection(_Section):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 # Fail at once instead of retrying for a minute if anything reaches for the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -99,3 +100,10 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is absent")
     return SHARED_DATA
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for torchrun / accelerate rendezvous in subprocess tests)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

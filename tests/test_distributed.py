@@ -7,14 +7,13 @@ FAISS indexes merged into one in tests/test_evaluation_encode.py and tests/test_
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, make_texts
+from conftest import TINY, free_port, make_texts
 from safetensors.torch import load_file
 
 from retromae_st.models import build_model
@@ -34,16 +33,10 @@ def _env() -> dict[str, str]:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_finetune_under_torchrun_ends_identical_and_reports_the_effective_batch(tmp_path):
     result = subprocess.run(
-        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
          str(WORKERS / "ddp_finetune.py"), str(tmp_path)],
         env=_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -73,7 +66,7 @@ def test_cli_pretrain_under_accelerate_launch_uses_two_processes(tmp_path, token
     # use_cpu=True from retromae_st.training.launcher_args() and picks gloo.
     result = subprocess.run(
         [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
          "-m", "retromae_st.cli", "pretrain", "--model", str(tmp_path / "model"),
          "--corpus", str(tmp_path / "corpus.txt"), "--output", str(tmp_path / "run"), "--batch-size", "8",
          "--max-steps", "4", "--save-steps", "2", "--logging-steps", "1", "--lr", "1e-3"],
@@ -96,7 +89,7 @@ def test_recipe_from_scratch_under_torchrun_shares_one_initial_model(tmp_path):
         f"pretrain:\n  corpus: {corpus}\n  batch_size: 8\n  max_steps: 3\n  save_steps: 100\n"
     )
     result = subprocess.run(
-        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
          "-m", "retromae_st.cli", "run", str(recipe), "--output-root", str(tmp_path)],
         env=_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip

@@ -23,7 +23,7 @@ from retromae_st.models import build_model, train_wordpiece_tokenizer  # noqa: E
 from retromae_st.training import pretrain  # noqa: E402
 
 
-def main(out: Path) -> None:
+def main(out: Path, data: str) -> None:
     torch.manual_seed(0)
     texts = make_texts(64, seed=3)
     tokenizer = train_wordpiece_tokenizer(make_texts(), vocab_size=120, min_frequency=1)
@@ -31,8 +31,22 @@ def main(out: Path) -> None:
     # Each rank initialises with its own seed: the trainer (model) and the callback (decoder) must
     # bring them to one state anyway.
     model = build_model(TINY, tokenizer, max_seq_length=64, save_dir=out / f"init{rank}", seed=rank)
-    dataset, _ = tokenize_corpus(Dataset.from_dict({"text": texts}), tokenizer, max_seq_length=64)
+    if data == "windows":  # pre-tokenised: PaddingCollator and length-grouped batches
+        dataset, _ = tokenize_corpus(Dataset.from_dict({"text": texts}), tokenizer, max_seq_length=64)
+    else:  # raw text in random batches of mixed length: the loss splits them into length groups
+        dataset = Dataset.from_dict({"text": texts})
+    import retromae_st.loss as loss_module
     from retromae_st.loss import RetroMAELoss
+
+    splits = []
+    plan = loss_module.plan_length_groups
+
+    def counting_plan(*args, **kwargs):
+        groups = plan(*args, **kwargs)
+        splits.append(len(groups))
+        return groups
+
+    loss_module.plan_length_groups = counting_plan
 
     torch.manual_seed(rank)
     loss = RetroMAELoss(model)
@@ -42,8 +56,9 @@ def main(out: Path) -> None:
     state = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
     state.update({f"loss.{k}": v.contiguous() for k, v in loss.own_state_dict().items()})
     save_file(state, str(out / f"rank{rank}.safetensors"))
+    (out / f"groups{rank}.txt").write_text(" ".join(map(str, splits)))
     dist.barrier()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "windows")
