@@ -245,3 +245,12 @@ def test_unsupported_encoder_names_the_architecture(tmp_path, tokenizer):
     model = SentenceTransformer(modules=[transformer, Pooling(32, "cls")])
     with pytest.raises(ValueError, match="AlbertModel"):
         RetroMAELoss(model)
+
+
+def test_decoder_dropouts_follow_the_encoder_config(tiny_model):
+    """Presets drop attention dropout (fused CPU attention); the decoder copies both rates."""
+    config = tiny_model[0].auto_model.config
+    assert config.attention_probs_dropout_prob == 0.0 and config.hidden_dropout_prob == 0.1
+    layer = RetroMAELoss(tiny_model).decoder.layers[0]
+    assert layer.attention.dropout == config.attention_probs_dropout_prob
+    assert layer.dropout.p == config.hidden_dropout_prob
