@@ -57,9 +57,11 @@ from retromae_st.evaluation.metrics import ir_metrics
 from retromae_st.finetune import finetune, load_pairs
 from retromae_st.io import atomic_write_json, atomic_write_text
 from retromae_st.loss import RetroMAELoss
+from retromae_st.loss import _labelled as labelled
 from retromae_st.masking import encoder_mask, word_ids
 from retromae_st.models import build_model, load_encoder, train_wordpiece_tokenizer
 from retromae_st.training import pretrain
+from retromae_st.unpadding import plan_length_groups, select_rows
 
 logger = logging.getLogger("benchmarks.quality")
 
@@ -81,9 +83,13 @@ class MLMOnlyLoss(RetroMAELoss):
         tables = self.vocab_tables()
         words = word_ids(input_ids, attention_mask, tables)
         masked, targets = encoder_mask(input_ids, words, tables, self.encoder_mask_ratio)
-        output = self.model({**features, "input_ids": masked})
-        weight = self.encoder().word_embeddings.weight
-        return {"encoder_mlm": self._mlm_loss(output["token_embeddings"], targets, weight)}
+        batch, width = input_ids.shape
+        parts = []  # the same length groups as RetroMAELoss, so both arms skip padding alike
+        for group in plan_length_groups(attention_mask, self.max_length_groups, self.encoder().hidden_size):
+            part = select_rows(features, group, batch, width)
+            output = self.model({**part, "input_ids": masked[group.rows, : group.length]})
+            parts.append(labelled(output["token_embeddings"], targets[group.rows, : group.length]))
+        return {"encoder_mlm": self._mlm_loss(parts, self.encoder().word_embeddings.weight)}
 
 
 class StepTimer(TrainerCallback):
