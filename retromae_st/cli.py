@@ -379,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as error:
         if args.debug:
             raise
-        print(f"retromae-st: training stopped: {error}", file=sys.stderr)
+        # A leading newline: training stops mid progress bar, whose line has no newline yet.
+        print(f"\nretromae-st: training stopped: {error}", file=sys.stderr)
         return EXIT_TRAINING_FAILED
     except (UserInputError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError) as error:
         # ValueError: the loss's and the libraries' option checks; all name the offending value.
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"retromae-st: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("retromae-st: interrupted; run the same command again to resume.", file=sys.stderr)
+        print("\nretromae-st: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130
 
 
