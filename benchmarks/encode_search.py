@@ -13,7 +13,7 @@ Writes ``<output-dir>/<name>.json`` and ``<name>.md``. Example::
 
     python benchmarks/encode_search.py --data ../shared/data/debian-pkgs            # full run
     python benchmarks/encode_search.py --quick --name encode_search_quick           # smoke run
-    python benchmarks/encode_search.py --model runs/quickstart/stage2/final --data ../shared/data/debian-pkgs \
+    python benchmarks/encode_search.py --model quickstart-output/stage2/final --data ../shared/data/debian-pkgs \
         --search-vectors model --name encode_search_real                           # real embeddings
 """
 
