@@ -12,6 +12,7 @@ to the model, and must not be registered (or saved) a second time inside the los
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,37 +59,33 @@ class EncoderAdapter:
             return getattr(self.config, "max_position_embeddings", None)
         return self.position_embeddings.num_embeddings - self.position_offset
 
+    def _config_value(self, names: tuple[str, ...], kind: type | tuple[type, ...]) -> Any:
+        """The first of ``names`` the config sets to a ``kind`` value (architectures name things apart)."""
+        for name in names:
+            value = getattr(self.config, name, None)
+            if isinstance(value, kind) and not isinstance(value, bool):
+                return value
+        return None
+
     @property
     def hidden_act(self) -> str:
-        for name in ("hidden_act", "hidden_activation", "activation"):
-            value = getattr(self.config, name, None)
-            if isinstance(value, str):
-                return value
-        return "gelu"
+        value = self._config_value(("hidden_act", "hidden_activation", "activation"), str)
+        return "gelu" if value is None else value
 
     @property
     def layer_norm_eps(self) -> float:
-        for name in ("layer_norm_eps", "norm_eps"):
-            value = getattr(self.config, name, None)
-            if value is not None:
-                return float(value)
-        return 1e-12
+        value = self._config_value(("layer_norm_eps", "norm_eps"), (int, float))
+        return 1e-12 if value is None else float(value)
 
     @property
     def hidden_dropout(self) -> float:
-        for name in ("hidden_dropout_prob", "dropout", "embedding_dropout"):
-            value = getattr(self.config, name, None)
-            if isinstance(value, float):
-                return value
-        return 0.1
+        value = self._config_value(("hidden_dropout_prob", "dropout", "embedding_dropout"), float)
+        return 0.1 if value is None else value
 
     @property
     def attention_dropout(self) -> float:
-        for name in ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop"):
-            value = getattr(self.config, name, None)
-            if isinstance(value, float):
-                return value
-        return self.hidden_dropout
+        value = self._config_value(("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop"), float)
+        return self.hidden_dropout if value is None else value
 
     def content_stream(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
         """The embedding module on the unmasked ids: [B, L] -> [B, L, D]."""
