@@ -20,7 +20,6 @@ Writes ``<output-dir>/<name>.json`` and ``<name>.md``. Example::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import statistics
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
+from retromae_st.beir import BeirData, read_corpus, read_queries
 from retromae_st.errors import UserInputError
 from retromae_st.evaluation.index import build_index, factory_string, recall_vs_exact, timed_search
 from retromae_st.io import atomic_write_json, atomic_write_text, ensure_can_write
@@ -89,17 +89,13 @@ def load_texts(data: str | None, count: int) -> list[str]:
         rng = np.random.default_rng(0)
         words = [f"w{i}" for i in range(3000)]
         return [" ".join(rng.choice(words, size=int(rng.integers(20, 120)))) for _ in range(count)]
-    path = Path(data) / "corpus.jsonl"
-    if not path.is_file():
-        raise UserInputError(f"{path} is missing: --data must be a BEIR folder.")
-    texts = []
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            row = json.loads(line)
-            texts.append(f"{row.get('title') or ''} {row.get('text') or ''}".strip())
-            if len(texts) == count:
-                break
-    return texts
+    return beir_documents(data)[:count]
+
+
+def beir_documents(data: str) -> list[str]:
+    """Every document of a BEIR folder as title + text, read and checked by :mod:`retromae_st.beir`."""
+    corpus = BeirData(read_corpus(data), {}, {}, Path(data).name, None)
+    return [corpus.document_text(doc_id) for doc_id in corpus.corpus]
 
 
 def model_folder(args: argparse.Namespace, texts: list[str], workdir: Path) -> Path:
@@ -159,26 +155,12 @@ def clustered_vectors(count: int, dim: int, seed: int) -> np.ndarray:
 
 def text_units(data: str, count: int) -> list[str]:
     """Up to ``count`` distinct real texts of a BEIR folder: documents, queries, then documents' sentences."""
-    folder = Path(data)
-    documents = [
-        f"{r.get('title') or ''} {r.get('text') or ''}".strip() for r in _jsonl(folder / "corpus.jsonl")
-    ]
-    queries = (
-        [r.get("text") or "" for r in _jsonl(folder / "queries.jsonl")]
-        if (folder / "queries.jsonl").is_file()
-        else []
-    )
+    documents = beir_documents(data)
+    queries = list(read_queries(data).values()) if (Path(data) / "queries.jsonl").is_file() else []
     sentences = [s.strip() for doc in documents for s in doc.split(". ") if len(s.split()) >= 4]
     # dict.fromkeys: de-duplicate while keeping the order (documents first).
     units = [t for t in dict.fromkeys([*documents, *queries, *sentences]) if t]
     return units[:count]
-
-
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise UserInputError(f"{path} is missing: --data must be a BEIR folder.")
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 def model_vectors(args: argparse.Namespace, folder: Path) -> tuple[np.ndarray, np.ndarray, str]:

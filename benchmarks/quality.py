@@ -58,8 +58,7 @@ from retromae_st.evaluation.metrics import ir_metrics
 from retromae_st.finetune import finetune, load_pairs
 from retromae_st.io import atomic_write_json, atomic_write_text
 from retromae_st.loss import RetroMAELoss
-from retromae_st.loss import _labelled as labelled
-from retromae_st.masking import encoder_mask, word_ids
+from retromae_st.masking import encoder_mask, labelled_positions, word_ids
 from retromae_st.models import build_model, load_encoder, train_wordpiece_tokenizer
 from retromae_st.training import pretrain
 from retromae_st.unpadding import plan_length_groups, select_rows
@@ -89,7 +88,7 @@ class MLMOnlyLoss(RetroMAELoss):
         for group in plan_length_groups(attention_mask, self.max_length_groups, self.encoder().hidden_size):
             part = select_rows(features, group, batch, width)
             output = self.model({**part, "input_ids": masked[group.rows, : group.length]})
-            parts.append(labelled(output["token_embeddings"], targets[group.rows, : group.length]))
+            parts.append(labelled_positions(output["token_embeddings"], targets[group.rows, : group.length]))
         return {"encoder_mlm": self._mlm_loss(parts, self.encoder().word_embeddings.weight)}
 
 

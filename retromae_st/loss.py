@@ -21,13 +21,13 @@ from retromae_st.encoders import EncoderAdapter, adapt_encoder
 from retromae_st.errors import NonFiniteLossError
 from retromae_st.heads import ChunkedMaxPooledLogits, MLMHead, bag_of_words_loss, default_chunk_rows
 from retromae_st.masking import (
-    IGNORE_INDEX,
     VocabTables,
     basic_decoder_input,
     build_vocab_tables,
     decoder_labels,
     decoder_visibility,
     encoder_mask,
+    labelled_positions,
     word_ids,
 )
 from retromae_st.unpadding import plan_length_groups, select_rows
@@ -261,7 +261,7 @@ class RetroMAELoss(nn.Module):
             # Encoder: masked input -> token states [b, l, D] and the sentence embedding h [b, D].
             output = self.model({**part, "input_ids": encoder_ids[rows, :length]})
             token_states, sentence_embedding = output["token_embeddings"], output["sentence_embedding"]
-            encoder_parts.append(_labelled(token_states, encoder_labels[rows, :length]))
+            encoder_parts.append(labelled_positions(token_states, encoder_labels[rows, :length]))
 
             # Decoder: h and the unmasked text (enhanced) or a masked copy (basic) -> states [b, l, D].
             if visible is not None:
@@ -269,7 +269,7 @@ class RetroMAELoss(nn.Module):
                 decoder_states = self._enhanced(adapter, part, sentence_embedding, group_visible)
             else:
                 decoder_states = self._basic(adapter, part, sentence_embedding, decoder_ids[rows, :length])
-            decoder_parts.append(_labelled(decoder_states, targets[rows, :length]))
+            decoder_parts.append(labelled_positions(decoder_states, targets[rows, :length]))
 
             if self.bow_weight > 0:
                 group_bow = self._bow_loss(token_states, part["input_ids"], part["attention_mask"], tables)
@@ -440,12 +440,6 @@ class RetroMAELoss(nn.Module):
     @property
     def citation(self) -> str:
         return RETROMAE_CITATION
-
-
-def _labelled(states: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The states and labels of the labelled positions only: [B, L, D], [B, L] -> [n, D], [n]."""
-    where = labels != IGNORE_INDEX
-    return states[where], labels[where]
 
 
 def _check_ratio(name: str, value: float) -> None:

@@ -208,3 +208,9 @@ def basic_decoder_input(
     """Basic decoding's input: ``ratio`` of the words replaced by [MASK]; labels at those tokens."""
     chosen = sample_whole_words(words, ratio, generator)
     return input_ids.masked_fill(chosen, tables.mask_token_id), input_ids.masked_fill(~chosen, IGNORE_INDEX)
+
+
+def labelled_positions(states: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The states and labels of the labelled positions only: [B, L, D], [B, L] -> [n, D], [n]."""
+    where = labels != IGNORE_INDEX
+    return states[where], labels[where]
