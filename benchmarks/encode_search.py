@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
-from retromae_st.beir import BeirData, read_corpus, read_queries
+from retromae_st.data.beir import BeirData, read_corpus, read_queries
 from retromae_st.errors import UserInputError
 from retromae_st.evaluation.index import build_index, factory_string, recall_vs_exact, timed_search
 from retromae_st.io import atomic_write_json, atomic_write_text, ensure_can_write
@@ -93,7 +93,7 @@ def load_texts(data: str | None, count: int) -> list[str]:
 
 
 def beir_documents(data: str) -> list[str]:
-    """Every document of a BEIR folder as title + text, read and checked by :mod:`retromae_st.beir`."""
+    """Every document of a BEIR folder as title + text, read and checked by :mod:`retromae_st.data.beir`."""
     corpus = BeirData(read_corpus(data), {}, {}, Path(data).name, None)
     return [corpus.document_text(doc_id) for doc_id in corpus.corpus]
 

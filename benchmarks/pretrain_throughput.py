@@ -3,7 +3,7 @@
 A training step is collate + forward + backward + gradient clipping + AdamW step. Two implementations run
 on the same batches (same windows, same dynamic padding), interleaved step by step in one process:
 
-* ``ours``: :class:`retromae_st.loss.RetroMAELoss` on batches from :class:`retromae_st.corpus.PaddingCollator`,
+* ``ours``: :class:`retromae_st.pretraining.loss.RetroMAELoss` on batches from :class:`retromae_st.data.batching.PaddingCollator`,
   as users run it (masking on the device, each batch run as up to 4 length groups padded only to their own
   longest row, SDPA attention, MLM heads only where there are labels, chunked vocabulary cross-entropy).
   The batches are random, not length-grouped (``pretrain()`` would group them by length, which helps ours
@@ -55,11 +55,13 @@ from torch import nn
 from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 from transformers.activations import ACT2FN
 
-from retromae_st.corpus import PaddingCollator, load_texts, tokenize_corpus
+from retromae_st.data.batching import PaddingCollator
+from retromae_st.data.sources import load_texts
+from retromae_st.data.tokenize import tokenize_corpus
 from retromae_st.io import atomic_write_json, atomic_write_text
-from retromae_st.loss import RetroMAELoss
 from retromae_st.models import PRESETS, build_model, train_wordpiece_tokenizer
-from retromae_st.unpadding import plan_length_groups
+from retromae_st.pretraining.loss import RetroMAELoss
+from retromae_st.pretraining.unpadding import plan_length_groups
 
 logger = logging.getLogger("benchmarks.pretrain_throughput")
 
@@ -338,7 +340,7 @@ def step_flops(
 
     Per transformer layer over B x L tokens: 2 T (4 D^2 + 2 D F) for the projections and 4 B L^2 D for the two
     attention matmuls (encoder layers + one decoder layer). The reference runs the whole batch padded to its
-    longest row; ours runs the length groups :func:`retromae_st.unpadding.plan_length_groups` plans (the
+    longest row; ours runs the length groups :func:`retromae_st.pretraining.unpadding.plan_length_groups` plans (the
     work it really does). Heads: transform 2 N D^2 plus vocabulary projection 2 N D V over N rows: all B x L
     positions twice for the reference; the encoder-masked tokens plus the decoder's targets for ours.
     """
@@ -406,7 +408,7 @@ def matmul_peak(device: str, size: int = 2048, repeats: int = 5) -> dict[str, fl
 def load_windows(
     corpus: str, tokenizer: BertTokenizerFast, max_len: int, limit: int | None
 ) -> list[list[int]]:
-    """The corpus cut into windows of at most ``max_len`` tokens by ``retromae_st.corpus.tokenize_corpus``."""
+    """The corpus cut into windows of at most ``max_len`` tokens by ``retromae_st.data.tokenize.tokenize_corpus``."""
     dataset, _ = load_texts(corpus)
     if limit:
         dataset = dataset.select(range(min(limit, len(dataset))))

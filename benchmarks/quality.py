@@ -3,7 +3,7 @@
 From one from-scratch model and corpus-trained tokenizer per seed, stage 1 runs one of (arm names are
 ``<method>-<pooling>``, pooling ``cls`` or ``mean``, the sentence vector stage 1 trains and stage 2 fine-tunes):
 
-* ``retromae-*``: :class:`retromae_st.loss.RetroMAELoss` (with mean pooling the decoder reads the mean vector);
+* ``retromae-*``: :class:`retromae_st.pretraining.loss.RetroMAELoss` (with mean pooling the decoder reads the mean vector);
 * ``mlm-*``: the same whole-word encoder masking and MLM head, no decoder (``MLMOnlyLoss`` below);
 * ``tsdae-*``: Sentence-Transformers' ``DenoisingAutoEncoderLoss`` on (60%-deleted text, text) pairs;
 * ``none-cls`` / ``none-mean``: no pretraining.
@@ -15,7 +15,7 @@ help?" at a level where stage 2 works; the CLS arms show whether stage 1 made [C
 Stage 1 runs at equal steps (``--stage1-steps`` for every arm) and at equal wall-clock (``mlm-*@time`` and
 ``tsdae-*@time`` get as many steps as fit in the time ``retromae-*`` took, from each arm's measured
 s/step). Every stage-1 result is then fine-tuned identically with MultipleNegativesRankingLoss
-(:func:`retromae_st.finetune.finetune`) on the full ``train`` pairs and on a 1,000-pair subset
+(:func:`retromae_st.finetuning.train.finetune`) on the full ``train`` pairs and on a 1,000-pair subset
 (label-scarce), and evaluated (exact cosine search, pytrec_eval via :mod:`retromae_st.evaluation.metrics`):
 nDCG@10 and Recall@100 on the BEIR ``test`` split, by default a 5,000-document subset of the debian-pkgs
 corpus holding every judged test document (for speed), plus cisi and cranfield zero-shot. Per arm it also
@@ -53,15 +53,17 @@ from datasets import Dataset
 from sentence_transformers import SentenceTransformer
 from transformers import TrainerCallback
 
-from retromae_st.corpus import load_texts, tokenize_corpus
+from retromae_st.data.sources import load_texts
+from retromae_st.data.tokenize import tokenize_corpus
 from retromae_st.evaluation.metrics import ir_metrics
-from retromae_st.finetune import finetune, load_pairs
+from retromae_st.finetuning.pairs import load_pairs
+from retromae_st.finetuning.train import finetune
 from retromae_st.io import atomic_write_json, atomic_write_text
-from retromae_st.loss import RetroMAELoss
-from retromae_st.masking import encoder_mask, labelled_positions, word_ids
 from retromae_st.models import build_model, load_encoder, train_wordpiece_tokenizer
-from retromae_st.training import pretrain
-from retromae_st.unpadding import plan_length_groups, select_rows
+from retromae_st.pretraining.loss import RetroMAELoss
+from retromae_st.pretraining.masking import encoder_mask, labelled_positions, word_ids
+from retromae_st.pretraining.training import pretrain
+from retromae_st.pretraining.unpadding import plan_length_groups, select_rows
 
 logger = logging.getLogger("benchmarks.quality")
 

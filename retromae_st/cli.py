@@ -220,11 +220,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from retromae_st.corpus import load_texts, tokenize_corpus
+    from retromae_st.data.sources import load_texts
+    from retromae_st.data.tokenize import tokenize_corpus
     from retromae_st.io import ensure_can_write
     from retromae_st.models import PRESETS, load_encoder
     from retromae_st.pipeline import add_file_logging, is_main_process, main_process_first
-    from retromae_st.training import pretrain
+    from retromae_st.pretraining.training import pretrain
 
     output = Path(args.output)
     ensure_can_write(output / "final", args.overwrite)
@@ -298,7 +299,9 @@ def _preset_model(args: argparse.Namespace, output: Path, texts: list[str], reus
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from retromae_st.finetune import dev_evaluator, finetune, load_pairs, mine_negatives
+    from retromae_st.finetuning.negatives import mine_negatives
+    from retromae_st.finetuning.pairs import dev_evaluator, load_pairs
+    from retromae_st.finetuning.train import finetune
     from retromae_st.models import load_encoder
     from retromae_st.pipeline import add_file_logging
 

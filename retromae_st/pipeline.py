@@ -140,7 +140,7 @@ def main_process_first(folder: Path) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
     from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 
-    from retromae_st.training import launcher_args
+    from retromae_st.pretraining.training import launcher_args
 
     args = SentenceTransformerTrainingArguments(
         output_dir=str(folder / "checkpoints"), report_to="none", **launcher_args()
@@ -154,7 +154,7 @@ def check_inputs(recipe: Recipe) -> None:
     (Otherwise a typo in ``finetune.train`` or ``evaluation.beir`` would only show after stage 1 trained.)
     Names that may be hub datasets are left to the loaders.
     """
-    from retromae_st.corpus import _looks_like_path
+    from retromae_st.data.sources import _looks_like_path
 
     named: list[tuple[str, str, bool]] = []
     if recipe.pretrain.enabled and recipe.pretrain.corpus != PYTHON_DOCS:
@@ -228,11 +228,11 @@ def tokenizer_texts(run: Run) -> list[str]:
 
 
 def corpus_dataset(recipe: Recipe) -> Dataset:
-    from retromae_st.corpus import load_texts
+    from retromae_st.data.sources import load_texts
 
     spec = recipe.pretrain
     if spec.corpus == PYTHON_DOCS:
-        from retromae_st.quickstart import python_docs_corpus
+        from retromae_st.data.python_docs import python_docs_corpus
 
         dataset = Dataset.from_dict(
             {"text": python_docs_corpus(max_docs=spec.max_documents, seed=recipe.seed)}
@@ -249,8 +249,8 @@ def corpus_dataset(recipe: Recipe) -> Dataset:
 
 
 def stage1(run: Run, model: SentenceTransformer) -> SentenceTransformer:
-    from retromae_st.corpus import tokenize_corpus
-    from retromae_st.training import pretrain
+    from retromae_st.data.tokenize import tokenize_corpus
+    from retromae_st.pretraining.training import pretrain
 
     final = run.stage1 / "final"
     if Run.done(run.stage1):
@@ -294,7 +294,7 @@ def stage1(run: Run, model: SentenceTransformer) -> SentenceTransformer:
 
 def python_docs_beir(run: Run) -> Path:
     """The quickstart's held-out pairs as a BEIR folder (training passages join as distractors)."""
-    from retromae_st.quickstart import python_docs_pairs, write_beir
+    from retromae_st.data.python_docs import python_docs_pairs, write_beir
 
     folder = run.data / "python-docs"
     if not (folder / "qrels").is_dir():
@@ -305,11 +305,11 @@ def python_docs_beir(run: Run) -> Path:
 
 def pair_datasets(recipe: Recipe, run: Run | None) -> tuple[Dataset, Path | None]:
     """(training pairs, dev BEIR folder or None)."""
-    from retromae_st.finetune import load_pairs
+    from retromae_st.finetuning.pairs import load_pairs
 
     spec = recipe.finetune
     if spec.train == PYTHON_DOCS:
-        from retromae_st.quickstart import python_docs_pairs
+        from retromae_st.data.python_docs import python_docs_pairs
 
         train, _ = python_docs_pairs(seed=recipe.seed)
         pairs = Dataset.from_dict(
@@ -329,7 +329,9 @@ def pair_datasets(recipe: Recipe, run: Run | None) -> tuple[Dataset, Path | None
 
 
 def stage2(run: Run, model: SentenceTransformer) -> SentenceTransformer:
-    from retromae_st.finetune import dev_evaluator, finetune, mine_negatives
+    from retromae_st.finetuning.negatives import mine_negatives
+    from retromae_st.finetuning.pairs import dev_evaluator
+    from retromae_st.finetuning.train import finetune
 
     final = run.stage2 / "final"
     if Run.done(run.stage2):

@@ -13,7 +13,7 @@ from sentence_transformers import SentenceTransformer
 from transformers import TrainerCallback
 
 from retromae_st import cli
-from retromae_st import finetune as finetune_module
+from retromae_st.finetuning import train as finetune_module
 
 
 @pytest.fixture(scope="module")

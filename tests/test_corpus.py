@@ -14,16 +14,11 @@ from conftest import make_texts
 from sentence_transformers.base.sampler import DefaultBatchSampler
 from torch.utils.data import RandomSampler
 
-from retromae_st import corpus
-from retromae_st.corpus import (
-    CorpusStats,
-    LengthGroupedBatchSampler,
-    PaddingCollator,
-    detect_text_format,
-    load_texts,
-    special_token_frame,
-    tokenize_corpus,
-)
+from retromae_st.data import sources as corpus
+from retromae_st.data import tokenize as tokenize_module
+from retromae_st.data.batching import LengthGroupedBatchSampler, PaddingCollator
+from retromae_st.data.sources import CorpusStats, detect_text_format, load_texts
+from retromae_st.data.tokenize import special_token_frame, tokenize_corpus
 from retromae_st.errors import UserInputError
 
 
@@ -426,7 +421,7 @@ def test_second_call_loads_the_cache_without_tokenising(tmp_path, hf_cache, toke
     def must_not_tokenise(*args, **kwargs):
         raise AssertionError("tokenised again although the cache holds the windows")
 
-    monkeypatch.setattr(corpus, "_tokenize_batch", must_not_tokenise)
+    monkeypatch.setattr(tokenize_module, "_tokenize_batch", must_not_tokenise)
     reread, stats = load_texts(path, cache_dir=hf_cache)  # same file, same fingerprint
     second, second_stats = tokenize_corpus(reread, tokenizer, 16, stats=stats, cache_dir=tmp_path / "tok")
     assert second_stats.cached and "(from cache)" in second_stats.summary()

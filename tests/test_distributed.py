@@ -63,7 +63,7 @@ def test_cli_pretrain_under_accelerate_launch_uses_two_processes(tmp_path, token
     )
     # accelerate 1.x: `--cpu --num_processes 2` starts a single process unless mpirun is set up; the
     # multi-process launcher (torch.distributed.run underneath) works on CPU because the trainer gets
-    # use_cpu=True from retromae_st.training.launcher_args() and picks gloo.
+    # use_cpu=True from retromae_st.pretraining.training.launcher_args() and picks gloo.
     result = subprocess.run(
         [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),

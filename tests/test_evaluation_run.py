@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY, make_texts
 
-from retromae_st.beir import load_beir
+from retromae_st.data.beir import load_beir
 from retromae_st.errors import UserInputError
 from retromae_st.evaluation import evaluate, evaluate_beir, load_log_history
 from retromae_st.evaluation.mteb_tasks import resolve_task

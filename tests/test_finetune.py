@@ -15,16 +15,12 @@ from datasets import Dataset
 from sentence_transformers import SentenceTransformer
 from transformers import TrainerCallback
 
-from retromae_st.beir import load_beir
+from retromae_st.data.beir import load_beir
 from retromae_st.errors import UserInputError
-from retromae_st.finetune import (
-    TRAINING_LOG,
-    dev_evaluator,
-    finetune,
-    load_pairs,
-    mine_negatives,
-    primary_metric_key,
-)
+from retromae_st.finetuning.model_card import TRAINING_LOG
+from retromae_st.finetuning.negatives import mine_negatives
+from retromae_st.finetuning.pairs import dev_evaluator, load_pairs
+from retromae_st.finetuning.train import finetune, primary_metric_key
 from retromae_st.models import build_model
 
 BATCH = 16

@@ -9,8 +9,8 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
-from retromae_st.heads import ChunkedLinearCrossEntropy, ChunkedMaxPooledLogits
-from retromae_st.loss import NonFiniteLossError, RetroMAELoss
+from retromae_st.pretraining.heads import ChunkedLinearCrossEntropy, ChunkedMaxPooledLogits
+from retromae_st.pretraining.loss import NonFiniteLossError, RetroMAELoss
 
 REPETITIVE = [
     "the package provides a library for parsing configuration files",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from retromae_st.masking import (
+from retromae_st.pretraining.masking import (
     BYTE_LEVEL_BPE,
     IGNORE_INDEX,
     SENTENCEPIECE,

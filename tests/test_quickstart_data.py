@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from retromae_st.beir import load_beir
-from retromae_st.errors import UserInputError
-from retromae_st.quickstart import (
+from retromae_st.data.beir import load_beir
+from retromae_st.data.python_docs import (
     MIN_DOC_WORDS,
     MIN_QUERY_WORDS,
     iter_docstrings,
@@ -14,6 +13,7 @@ from retromae_st.quickstart import (
     python_docs_pairs,
     write_beir,
 )
+from retromae_st.errors import UserInputError
 
 
 @pytest.fixture(scope="module")

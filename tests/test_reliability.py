@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 
 from retromae_st import cli
-from retromae_st.loss import LOSS_WEIGHTS_NAME, RetroMAELoss
 from retromae_st.models import build_model
+from retromae_st.pretraining.loss import LOSS_WEIGHTS_NAME, RetroMAELoss
 
 WORKER = Path(__file__).resolve().parent / "workers" / "crash_cli.py"
 ENV = {

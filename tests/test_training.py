@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 from transformers import TrainerCallback
 
-from retromae_st.corpus import tokenize_corpus
-from retromae_st.loss import LOSS_WEIGHTS_NAME, RetroMAELoss
+from retromae_st.data.tokenize import tokenize_corpus
 from retromae_st.models import build_model
-from retromae_st.training import (
+from retromae_st.pretraining.loss import LOSS_WEIGHTS_NAME, RetroMAELoss
+from retromae_st.pretraining.training import (
     RetroMAETrainingCallback,
     complete_checkpoints,
     last_complete_checkpoint,

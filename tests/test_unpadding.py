@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import make_texts
 
-from retromae_st.loss import RetroMAELoss
-from retromae_st.unpadding import plan_length_groups, select_rows
+from retromae_st.pretraining.loss import RetroMAELoss
+from retromae_st.pretraining.unpadding import plan_length_groups, select_rows
 
 
 def right_padded(lengths: list[int], width: int | None = None) -> torch.Tensor:

@@ -24,7 +24,7 @@ from mteb.cache import ResultCache
 from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
 from sentence_transformers import SentenceTransformer
 
-from retromae_st.beir import BeirData, load_beir
+from retromae_st.data.beir import BeirData, load_beir
 from retromae_st.errors import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def folder_fingerprint(folder: Path, split: str) -> str:
 class LocalBeirRetrieval(AbsTaskRetrieval):
     """A local BEIR folder as an MTEB retrieval task; create it with :func:`beir_task`.
 
-    The data is read and validated by :func:`retromae_st.beir.load_beir`, never fetched from the hub.
+    The data is read and validated by :func:`retromae_st.data.beir.load_beir`, never fetched from the hub.
     """
 
     metadata: TaskMetadata

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from sentence_transformers import SentenceTransformer
 
-from retromae_st.beir import BeirData, load_beir
+from retromae_st.data.beir import BeirData, load_beir
 from retromae_st.errors import UserInputError
 from retromae_st.evaluation.encode import encode_cached, encode_texts
 from retromae_st.evaluation.fingerprint import model_fingerprint

@@ -38,7 +38,7 @@ def install(when: str, step: int) -> None:
 
         CallbackHandler.on_save = on_save
     elif when == "before-sidecar":
-        from retromae_st.loss import RetroMAELoss
+        from retromae_st.pretraining.loss import RetroMAELoss
 
         original = RetroMAELoss.save_own_weights
 

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import TINY, make_texts  # noqa: E402
 
-from retromae_st.finetune import finetune  # noqa: E402
+from retromae_st.finetuning.train import finetune  # noqa: E402
 from retromae_st.models import build_model, train_wordpiece_tokenizer  # noqa: E402
 
 

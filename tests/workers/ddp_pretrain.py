@@ -18,9 +18,9 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import TINY, make_texts  # noqa: E402
 
-from retromae_st.corpus import tokenize_corpus  # noqa: E402
+from retromae_st.data.tokenize import tokenize_corpus  # noqa: E402
 from retromae_st.models import build_model, train_wordpiece_tokenizer  # noqa: E402
-from retromae_st.training import pretrain  # noqa: E402
+from retromae_st.pretraining.training import pretrain  # noqa: E402
 
 
 def main(out: Path, data: str) -> None:
@@ -35,8 +35,8 @@ def main(out: Path, data: str) -> None:
         dataset, _ = tokenize_corpus(Dataset.from_dict({"text": texts}), tokenizer, max_seq_length=64)
     else:  # raw text in random batches of mixed length: the loss splits them into length groups
         dataset = Dataset.from_dict({"text": texts})
-    import retromae_st.loss as loss_module
-    from retromae_st.loss import RetroMAELoss
+    import retromae_st.pretraining.loss as loss_module
+    from retromae_st.pretraining.loss import RetroMAELoss
 
     splits = []
     plan = loss_module.plan_length_groups

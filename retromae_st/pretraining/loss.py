@@ -16,11 +16,16 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 from torch import nn
 
-from retromae_st.decoder import RetroMAEDecoder
-from retromae_st.encoders import EncoderAdapter, adapt_encoder
 from retromae_st.errors import NonFiniteLossError
-from retromae_st.heads import ChunkedMaxPooledLogits, MLMHead, bag_of_words_loss, default_chunk_rows
-from retromae_st.masking import (
+from retromae_st.pretraining.decoder import RetroMAEDecoder
+from retromae_st.pretraining.encoders import EncoderAdapter, adapt_encoder
+from retromae_st.pretraining.heads import (
+    ChunkedMaxPooledLogits,
+    MLMHead,
+    bag_of_words_loss,
+    default_chunk_rows,
+)
+from retromae_st.pretraining.masking import (
     VocabTables,
     basic_decoder_input,
     build_vocab_tables,
@@ -30,7 +35,7 @@ from retromae_st.masking import (
     labelled_positions,
     word_ids,
 )
-from retromae_st.unpadding import plan_length_groups, select_rows
+from retromae_st.pretraining.unpadding import plan_length_groups, select_rows
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +85,8 @@ class RetroMAELoss(nn.Module):
 
         The loss owns the decoder and the MLM head's transform (the vocab projection is tied to the
         encoder's input embeddings). The trainer only checkpoints, clips and synchronises the *model's*
-        parameters, so train with :class:`retromae_st.training.RetroMAETrainingCallback` (added for you by
-        :func:`retromae_st.training.pretrain`), which handles the loss's weights too. The model itself
+        parameters, so train with :class:`retromae_st.pretraining.training.RetroMAETrainingCallback` (added for you by
+        :func:`retromae_st.pretraining.training.pretrain`), which handles the loss's weights too. The model itself
         stays a stock ``Transformer`` + ``Pooling('cls')`` Sentence-Transformer.
 
         Args:
@@ -100,7 +105,7 @@ class RetroMAELoss(nn.Module):
             chunk_rows: rows per chunk of the vocabulary-wide cross-entropy; default keeps one chunk's
                 logits near 128 MiB.
             max_length_groups: run each batch as at most this many sub-batches of rows of similar
-                length, each padded only to its own longest row (:mod:`retromae_st.unpadding`). The loss
+                length, each padded only to its own longest row (:mod:`retromae_st.pretraining.unpadding`). The loss
                 and its gradients are those of the whole batch (every term is per row); only the compute
                 spent on padding goes. 1 runs the batch as it comes.
             check_finite: raise :class:`NonFiniteLossError` naming the component when a loss is NaN/inf.
@@ -122,7 +127,7 @@ class RetroMAELoss(nn.Module):
             | Texts                                       | Labels |
             +=============================================+========+
             | (text) single column, or pre-tokenised      | none   |
-            | ``input_ids`` from :mod:`retromae_st.corpus` |        |
+            | ``input_ids`` from :mod:`retromae_st.data.tokenize` |        |
             +---------------------------------------------+--------+
 
         Example:

@@ -2,7 +2,7 @@
 
 The stock ``SentenceTransformerTrainer`` checkpoints, clips and (under DDP) averages the gradients of the
 *model's* parameters only. :class:`RetroMAETrainingCallback` does the same for the parameters the
-:class:`~retromae_st.loss.RetroMAELoss` owns (decoder, head transform, bias):
+:class:`~retromae_st.pretraining.loss.RetroMAELoss` owns (decoder, head transform, bias):
 
 - it writes them as safetensors beside every trainer checkpoint, and restores them on resume;
 - it averages their gradients across processes before each optimizer step (so all ranks stay equal);
@@ -31,7 +31,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from retromae_st.errors import UserInputError
 from retromae_st.io import atomic_dir, atomic_write_json
-from retromae_st.loss import LOSS_WEIGHTS_NAME, RetroMAELoss
+from retromae_st.pretraining.loss import LOSS_WEIGHTS_NAME, RetroMAELoss
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def pretrain(
     """Stage 1: RetroMAE pretraining with the stock trainer, resumable, written atomically.
 
     ``train_dataset`` holds either pre-tokenised windows (an ``input_ids`` column, as produced by
-    :func:`retromae_st.corpus.tokenize_corpus`: padded per batch by a collator, batches grouped by length)
+    :func:`retromae_st.data.tokenize.tokenize_corpus`: padded per batch by a collator, batches grouped by length)
     or a single text column (tokenised by the trainer's own collator).
 
     Layout of ``output_dir``: ``checkpoints/checkpoint-<step>/`` (trainer checkpoints, each with the
@@ -219,7 +219,7 @@ def pretrain(
 
     collator, sampler = None, None
     if "input_ids" in train_dataset.column_names:
-        from retromae_st.corpus import LengthGroupedBatchSampler, PaddingCollator
+        from retromae_st.data.batching import LengthGroupedBatchSampler, PaddingCollator
 
         collator = PaddingCollator(model.tokenizer)
         sampler = LengthGroupedBatchSampler

@@ -3,7 +3,7 @@
 Every problem names the file and line or id: a missing file or split, invalid JSON, duplicate ids, an
 empty corpus, qrels naming unknown queries or documents. Plain line-by-line reading (not
 ``datasets.load_dataset``) because errors must point at the exact line, and these files are small
-enough to hold in memory; corpora for pretraining go through :mod:`retromae_st.corpus` instead.
+enough to hold in memory; corpora for pretraining go through :mod:`retromae_st.data.sources` instead.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Stage 2: contrastive fine-tuning with MultipleNegativesRankingLoss: pairs, hard negatives, training, the model card."""

@@ -1,0 +1,1 @@
+"""Stage 1: the RetroMAE loss (masking -> encoder -> decoder -> losses) and the trainer glue around it."""
