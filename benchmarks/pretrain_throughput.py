@@ -268,13 +268,14 @@ class Variant:
         if name.startswith("ours"):
             with tempfile.TemporaryDirectory() as folder:
                 model = build_model(preset, tokenizer, max_seq_length=max_len, save_dir=folder, seed=0)
-            self.loss = RetroMAELoss(model).to(device)
+                # Built while the folder exists: the loss looks for a masked-LM head in the initial weights.
+                # "ours-compile": RetroMAELoss(compile=True), as `pretrain --compile` runs it (the encoder
+                # and decoder compiled; masking, length groups and the chunked cross-entropy eager).
+                self.loss = RetroMAELoss(model, compile=name.endswith("compile")).to(device)
             self.loss.callback_attached = True  # no trainer here: silence the missing-callback warning
             self.collator = PaddingCollator(tokenizer)
             self.module: nn.Module = self.loss
             self.forward = self._ours_forward
-            if name.endswith("compile"):
-                self.forward = torch.compile(self._ours_forward, dynamic=True)
         else:
             config = PRESETS[preset].bert_config(tokenizer)
             self.reference = ReferenceRetroMAE(config).to(device)

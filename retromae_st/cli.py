@@ -22,6 +22,66 @@ logger = logging.getLogger("retromae_st")
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_FAILED = 3
 
+# The INFO messages of ours that the console shows, by logger and message start ("" = all of that logger):
+# where a run stands (stage headlines, skips, results, where things are). Everything else, and every other
+# library's INFO, goes to run.log only, which keeps the console of a quickstart to a screenful.
+CONSOLE_INFO: dict[str, tuple[str, ...]] = {
+    "retromae_st": ("",),  # this module's own: the pretrain / finetune commands' corpus and window counts
+    "retromae_st.pipeline": ("",),
+    "retromae_st.evaluation.run": ("",),
+    "retromae_st.pretraining.training": (
+        "RetroMAE pretraining:",
+        "Resuming from",
+        "Saved the pretrained model",
+    ),
+    "retromae_st.finetuning.train": ("Effective batch size", "Resuming from"),
+    "retromae_st.finetuning.model_card": ("Saved the fine-tuned model",),
+}
+
+
+class ConsoleFilter(logging.Filter):
+    """Lets through warnings and errors (except Python ``warnings``, which go to run.log only: they are the
+    libraries' notes to developers) and our curated INFO messages (:data:`CONSOLE_INFO`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "py.warnings":
+            return False
+        if record.levelno >= logging.WARNING:
+            return True
+        if record.levelno < logging.INFO:
+            return False
+        starts = CONSOLE_INFO.get(record.name)
+        return starts is not None and str(record.msg).startswith(starts)
+
+
+class ConsoleFormatter(logging.Formatter):
+    """Our INFO lines as plain sentences; warnings and errors say their level and where they come from."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.INFO:
+            return record.getMessage()
+        return f"{record.levelname} {record.name}: {record.getMessage()}"
+
+
+def configure_logging() -> logging.Handler:
+    """The console handler (stderr, filtered by :class:`ConsoleFilter`); the root logger at INFO so that
+    run.log (:func:`retromae_st.pipeline.add_file_logging`) gets every library's INFO and Python warnings."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "retromae_console", False):  # main() called again in one process (tests)
+            root.removeHandler(handler)
+    console = logging.StreamHandler(sys.stderr)
+    console.retromae_console = True  # type: ignore[attr-defined]
+    console.addFilter(ConsoleFilter())
+    console.setFormatter(ConsoleFormatter())
+    root.addHandler(console)
+    root.setLevel(logging.INFO)
+    # Off, then on: a second main() in one process (tests, scripts) whose warnings hook was replaced
+    # meanwhile (warnings.catch_warnings restores its own) would otherwise keep that one.
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
+    return console
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -53,7 +113,12 @@ def _training(parser: argparse.ArgumentParser, lr: float, batch: int) -> None:
     parser.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (resume point)")
     parser.add_argument("--logging-steps", type=int, default=10, help="log losses every N steps")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bfloat16 mixed precision; without a bf16 GPU it runs on the CPU under autocast (with a warning "
+        "when the CPU has no native bf16: then usually slower than fp32)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--output-root", default=".", help="folder the recipe's output_dir is relative to (default .)"
     )
-    run.add_argument("--check", action="store_true", help="only validate the recipe and print it")
+    run.add_argument(
+        "--check",
+        action="store_true",
+        help="make every check a run makes before training (options, input paths, BEIR folders, models), "
+        "print the recipe, and stop",
+    )
     run.add_argument("--overwrite", action="store_true", help="start afresh, replacing an earlier run")
     run.add_argument("--debug", action="store_true", help="show full tracebacks")
 
@@ -100,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrain",
         help="stage 1: RetroMAE pretraining on unlabeled text",
         description="Pretrain an encoder with RetroMAE. The result (OUTPUT/final) is a plain Sentence-Transformers "
-        "model with CLS pooling; fine-tune it before using it for search.",
+        "model; fine-tune it before using it for search. It pools by CLS when built from a preset (RetroMAE's "
+        "decoder reads the [CLS] vector) or from a plain transformers checkpoint, and by the model's own pooling "
+        "when started from a Sentence-Transformers model (e.g. mean for all-MiniLM-L6-v2), unless --pooling is "
+        "given; the log says which.",
     )
     pre.add_argument(
         "--model", required=True, help="a preset (retromae-tiny/small/base), a model folder or hub name"
@@ -116,7 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pre.add_argument("--vocab-size", type=int, default=8000, help="size of a tokenizer trained on the corpus")
     pre.add_argument(
-        "--max-seq-length", type=int, default=128, help="window length; longer texts are cut into windows"
+        "--max-seq-length",
+        type=int,
+        default=None,
+        help="window length; longer texts are cut into windows (default: 128 for a preset, the model's own "
+        "for an existing model)",
+    )
+    pre.add_argument(
+        "--pooling",
+        choices=["cls", "mean"],
+        default=None,
+        help="pooling of the result (default: cls for a preset or a plain transformers checkpoint, the "
+        "model's own for a Sentence-Transformers model; a different one replaces its Pooling module)",
     )
     pre.add_argument("--pack", action="store_true", help="pack short documents into full windows")
     pre.add_argument(
@@ -133,6 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=4,
         help="run each batch as up to this many sub-batches of similar length, less padding (1 = off)",
+    )
+    pre.add_argument(
+        "--head-warmup-steps",
+        type=_auto_or_count,
+        default="auto",
+        help="first steps that train only a fresh MLM head and the decoder, encoder frozen (default auto: up "
+        "to 50 when the model has no MLM head and is pretrained; 0 = off)",
+    )
+    pre.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the encoder and decoder through torch.compile (first steps pay the compile time)",
     )
     _training(pre, lr=1e-4, batch=32)
     _common(pre)
@@ -168,15 +264,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="retrieval evaluation (FAISS on BEIR folders, MTEB tasks) into a report",
         description="Evaluate one or more models and write report.md, report.json and plots to --output.",
     )
-    ev.add_argument("--model", action="append", required=True, help="model folder or hub name (repeatable)")
-    ev.add_argument("--beir", action="append", default=[], help="BEIR folder to evaluate (repeatable)")
-    ev.add_argument("--mteb", action="append", default=[], help="MTEB task name or BEIR folder as MTEB task")
-    ev.add_argument("--split", default="test", help="qrels split (default test)")
-    ev.add_argument("--index", default="flat", help="flat (exact), hnsw, ivfpq or a faiss factory string")
-    ev.add_argument("--batch-size", type=int, default=64, help="encoding batch size")
-    ev.add_argument("--cache-dir", default=None, help="cache embeddings and MTEB scores here")
+    ev.add_argument("--model", action="append", required=True, metavar="[LABEL=]PATH",
+                    help="a model folder or hub name, optionally labelled for the report (stage1=runs/pt/final); "
+                    "repeat for several models. Unlabelled ones are named after their folder (runs/pt/final -> "
+                    "pt), extended with parent folders until the names differ")  # fmt: skip
+    ev.add_argument("--beir", action="append", default=[], metavar="FOLDER",
+                    help="BEIR folder to evaluate with FAISS; repeat for several (default: none)")  # fmt: skip
+    ev.add_argument("--mteb", action="append", default=[], metavar="TASK",
+                    help="MTEB task name, or a BEIR folder run as an MTEB task; repeat for several (default: none)."
+                    " At least one --beir or --mteb is needed")  # fmt: skip
+    ev.add_argument("--split", default="test", help="qrels split (default: test)")
+    ev.add_argument("--index", default="flat",
+                    help="flat (exact), hnsw, ivfpq or a faiss factory string (default: flat)")  # fmt: skip
+    ev.add_argument("--batch-size", type=int, default=64, help="encoding batch size (default: 64)")
+    ev.add_argument("--cache-dir", default=None,
+                    help="cache embeddings and MTEB scores here (default: no cache)")  # fmt: skip
     ev.add_argument("--training-log", action="append", default=[], metavar="LABEL=PATH",
-                    help="plot a trainer_state.json / training_log.json as LABEL (repeatable)")  # fmt: skip
+                    help="plot a trainer_state.json / training_log.json as LABEL; repeat for several (default: none)")  # fmt: skip
     ev.add_argument("--output", required=True, help="report folder")
     _common(ev)
     return parser
@@ -205,10 +309,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from retromae_st.recipes import load_recipe, resolve_output
 
     recipe = load_recipe(args.recipe, args.set)  # validate before the heavy imports below
-    from retromae_st.pipeline import run_recipe, summary_lines
+    from retromae_st.pipeline import check_recipe, run_recipe, summary_lines
 
     output = resolve_output(args.output_root, recipe.output_dir)
     if args.check:
+        # Everything a run checks before it trains (options, input paths, BEIR folders, models), so a recipe
+        # that passes --check does not fail on one of those later.
+        check_recipe(recipe)
+        if recipe.export:
+            resolve_output(args.output_root, recipe.export)
         print(yaml.safe_dump(recipe.model_dump(), sort_keys=False), end="")
         print(f"# output: {output}")
         return 0
@@ -225,8 +334,15 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from retromae_st.io import ensure_can_write
     from retromae_st.models import PRESETS, load_encoder
     from retromae_st.pipeline import add_file_logging, is_main_process, main_process_first
-    from retromae_st.pretraining.training import pretrain
+    from retromae_st.pretraining.training import check_pretrain_options, pretrain
 
+    # The option checks first: reading and tokenising a corpus can take minutes.
+    check_pretrain_options(
+        loss_kwargs=_loss_kwargs(args), batch_size=args.batch_size, learning_rate=args.lr,
+        num_train_epochs=args.epochs, max_steps=args.max_steps, warmup_ratio=args.warmup_ratio,
+        save_steps=args.save_steps, logging_steps=args.logging_steps, bf16=args.bf16,
+        hidden_size=PRESETS[args.model].hidden if args.model in PRESETS else None,
+    )  # fmt: skip
     output = Path(args.output)
     ensure_can_write(output / "final", args.overwrite)
     add_file_logging(output)
@@ -241,8 +357,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
             )
     else:
         model = load_encoder(
-            args.model, max_seq_length=args.max_seq_length, trust_remote_code=args.trust_remote_code,
-            allow_pickle=args.allow_pickle,
+            args.model, max_seq_length=args.max_seq_length, pooling=args.pooling,
+            trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
         )  # fmt: skip
     windows, stats = tokenize_corpus(
         dataset, model.tokenizer, model.max_seq_length, pack=args.pack, cache_dir=output / "cache"
@@ -252,14 +368,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         model,
         windows,
         output,
-        loss_kwargs={
-            "encoder_mask_ratio": args.encoder_mask_ratio,
-            "decoder_mask_ratio": args.decoder_mask_ratio,
-            "decoding": args.decoding,
-            "decoder_layers": args.decoder_layers,
-            "bow_weight": args.bow_weight,
-            "max_length_groups": args.max_length_groups,
-        },
+        loss_kwargs=_loss_kwargs(args),
         batch_size=args.batch_size,
         learning_rate=args.lr,
         num_train_epochs=args.epochs,
@@ -273,6 +382,33 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     )
     print(f"model: {output / 'final'}")
     return 0
+
+
+def _auto_or_count(value: str) -> int | str:
+    """``auto`` or a whole number >= 0 (argparse type)."""
+    if value == "auto":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: use 'auto' or a whole number >= 0")
+    return number
+
+
+def _loss_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """RetroMAELoss's options from the pretrain command's flags."""
+    return {
+        "encoder_mask_ratio": args.encoder_mask_ratio,
+        "decoder_mask_ratio": args.decoder_mask_ratio,
+        "decoding": args.decoding,
+        "decoder_layers": args.decoder_layers,
+        "bow_weight": args.bow_weight,
+        "max_length_groups": args.max_length_groups,
+        "head_warmup_steps": args.head_warmup_steps,
+        "compile": args.compile,
+    }
 
 
 def _preset_model(args: argparse.Namespace, output: Path, texts: list[str], reuse: bool) -> Any:
@@ -294,17 +430,23 @@ def _preset_model(args: argparse.Namespace, output: Path, texts: list[str], reus
     else:
         tokenizer = train_wordpiece_tokenizer(texts, vocab_size=args.vocab_size)
     return build_model(
-        args.model, tokenizer, max_seq_length=args.max_seq_length, save_dir=earlier, seed=args.seed
-    )
+        args.model, tokenizer, max_seq_length=args.max_seq_length, pooling=args.pooling, save_dir=earlier,
+        seed=args.seed,
+    )  # fmt: skip
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from retromae_st.finetuning.negatives import mine_negatives
     from retromae_st.finetuning.pairs import dev_evaluator, load_pairs
-    from retromae_st.finetuning.train import finetune
+    from retromae_st.finetuning.train import check_finetune_options, finetune
     from retromae_st.models import load_encoder
     from retromae_st.pipeline import add_file_logging
 
+    # The option checks first, before loading the model and the pairs and mining negatives.
+    check_finetune_options(
+        batch_size=args.batch_size, save_steps=args.save_steps, has_evaluator=args.dev is not None,
+        max_steps=args.max_steps, epochs=args.epochs, logging_steps=args.logging_steps, learning_rate=args.lr,
+    )  # fmt: skip
     model = load_encoder(
         args.model, max_seq_length=args.max_seq_length, trust_remote_code=args.trust_remote_code,
         allow_pickle=args.allow_pickle,
@@ -335,7 +477,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise UserInputError(f"--training-log {item!r} must look like LABEL=PATH")
         logs[label] = path
     evaluate(
-        args.model,
+        _labelled_models(args.model),
         output_dir=args.output,
         beir_folders=args.beir,
         mteb_tasks=args.mteb,
@@ -354,28 +496,95 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _labelled_models(items: list[str]) -> dict[str, str]:
+    """``--model [LABEL=]PATH`` values -> label -> path, unlabelled ones named by ``default_labels``."""
+    from retromae_st.evaluation.run import default_labels
+
+    given: list[tuple[str | None, str]] = []
+    for item in items:
+        label, sep, path = item.partition("=")
+        if not sep:
+            given.append((None, item))
+        elif not label.strip() or not path.strip():
+            raise UserInputError(
+                f"--model {item!r} must look like PATH or LABEL=PATH (e.g. stage1=runs/pt/final)"
+            )
+        else:
+            given.append((label.strip(), path.strip()))
+    derived = iter(default_labels([path for label, path in given if label is None]))
+    labelled = [(label if label is not None else next(derived), path) for label, path in given]
+    labels = [label for label, _ in labelled]
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise UserInputError(
+            f"several --model values are labelled {duplicates}: give them distinct labels with --model LABEL=PATH."
+        )
+    return dict(labelled)
+
+
 def _print_report(folder: Path) -> None:
+    """The report's results tables; the rest (models, plots, logs, the full configuration) stays in the
+    file, whose path the command prints after this."""
     report = folder / "report.md"
     if report.is_file():
-        print(report.read_text(encoding="utf-8"))
+        print(results_section(report.read_text(encoding="utf-8")))
+
+
+def results_section(markdown: str) -> str:
+    """The ``## Results`` section of a report (up to the next ``##`` heading); the whole text without one."""
+    lines = markdown.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.strip() == "## Results"]
+    if not starts:
+        return markdown
+    ends = [i for i in range(starts[0] + 1, len(lines)) if lines[i].startswith("## ")]
+    return "\n".join(lines[starts[0] : ends[0] if ends else len(lines)]).strip() + "\n"
 
 
 def _command_line() -> str:
     return " ".join(shlex.quote(part) for part in ["retromae-st", *sys.argv[1:]])
 
 
+def _locked(command: Any) -> Any:
+    """Run a command holding the lock on its ``--output`` folder (one run writes into a folder at a time).
+
+    Under torchrun only the first process takes it: the others are part of the same run.
+    """
+
+    def run(args: argparse.Namespace) -> int:
+        from retromae_st.io import output_lock
+
+        if int(os.environ.get("RANK", "0")) != 0:
+            return command(args)
+        with output_lock(args.output):
+            return command(args)
+
+    return run
+
+
+def _os_error_message(error: OSError) -> str:
+    paths = [str(path) for path in (error.filename, error.filename2) if path is not None]
+    if not paths:
+        return str(error).replace("\n", " ").strip() or type(error).__name__
+    reason = error.strerror or type(error).__name__
+    code = f" (errno {error.errno})" if error.errno else ""
+    return (
+        f"{' -> '.join(paths)}: {reason}{code}; choose a path you can write to (a folder on a writable disk "
+        "with free space), or fix its permissions."
+    )
+
+
 COMMANDS = {
     "quickstart": _cmd_quickstart,
     "run": _cmd_run,
-    "pretrain": _cmd_pretrain,
-    "finetune": _cmd_finetune,
+    "pretrain": _locked(_cmd_pretrain),
+    "finetune": _locked(_cmd_finetune),
     "evaluate": _cmd_evaluate,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return COMMANDS[args.command](args)
@@ -391,6 +600,24 @@ def main(argv: list[str] | None = None) -> int:
             raise
         message = str(error).replace("\n", " ").strip() or type(error).__name__
         print(f"retromae-st: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as error:
+        # Any other failure on a path the user gave: a read-only or full disk, no permission, a file where
+        # a folder belongs. It names the path; nothing the user can fix deserves a traceback.
+        if args.debug:
+            raise
+        print(f"retromae-st: error: {_os_error_message(error)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except RecursionError:
+        # A self-referencing YAML alias (or any input nested beyond Python's stack) in what the user passed.
+        if args.debug:
+            raise
+        source = getattr(args, "recipe", None) or "the input"
+        print(
+            f"retromae-st: error: {source}: nested too deeply to read (a YAML alias that refers to itself, such "
+            "as `a: &x [*x]`?); remove the self-reference.",
+            file=sys.stderr,
+        )
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("\nretromae-st: interrupted; run the same command again to resume.", file=sys.stderr)

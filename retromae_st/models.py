@@ -2,14 +2,20 @@
 or an existing encoder (local folder or hub name).
 
 Every function returns a plain ``SentenceTransformer`` made of stock modules (``Transformer`` +
-``Pooling('cls')``), so what RetroMAE pretrains is exactly what ``SentenceTransformer(path)`` loads.
+``Pooling``), so what RetroMAE pretrains is exactly what ``SentenceTransformer(path)`` loads. A preset pools
+by CLS (:data:`PRESET_POOLING`); an existing Sentence-Transformers model keeps its own pooling unless asked
+otherwise.
 """
 
 from __future__ import annotations
 
+import heapq
+import json
 import logging
 import os
+import pickle
 import tempfile
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +24,7 @@ from typing import Any
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+from sentence_transformers.util import ORIGINAL_TRANSFORMER_MODELS, is_sentence_transformer_model
 from transformers import AutoConfig, BertConfig, BertModel, BertTokenizerFast, PreTrainedTokenizerBase
 
 from retromae_st.errors import UserInputError
@@ -25,6 +32,11 @@ from retromae_st.errors import UserInputError
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+# What a preset (or a plain transformers checkpoint) gets when no pooling / length is asked for: RetroMAE's
+# decoder reads the [CLS] vector. An existing Sentence-Transformers model keeps its own instead.
+PRESET_POOLING = "cls"
+PRESET_MAX_SEQ_LENGTH = 128
 
 
 @dataclass(frozen=True)
@@ -71,20 +83,30 @@ def train_wordpiece_tokenizer(
 
     A vocabulary trained on the target corpus (a few thousand entries) keeps the vocabulary-wide work of
     the two MLM heads small and lets a small model learn on a CPU within minutes.
+
+    The vocabulary is the one ``tokenizers``' ``WordPieceTrainer`` learns (the same frequency-ordered
+    merges), but computed here with every tie broken by a fixed order, so the same texts always give the
+    same ``tokenizer.json``: the library's trainer walks Rust hash maps whose order is random per call (no
+    thread or environment setting fixes it), and its tie-breaks then differ from run to run.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     if vocab_size < len(SPECIAL_TOKENS) + 10:
         raise UserInputError(
             f"vocab_size={vocab_size} is too small: use at least {len(SPECIAL_TOKENS) + 10}."
         )
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS, show_progress=False
+    normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    word_counts: Counter[str] = Counter()
+    for text in texts:
+        pieces = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+        word_counts.update(word for word, _ in pieces)
+    vocab = _wordpiece_vocab(word_counts, vocab_size, min_frequency)
+    tokenizer = Tokenizer(
+        models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix=WORDPIECE_PREFIX)
     )
-    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
     if tokenizer.get_vocab_size() <= len(SPECIAL_TOKENS):
         raise UserInputError("the tokenizer learned no vocabulary: the corpus has no usable text.")
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
@@ -105,12 +127,82 @@ def train_wordpiece_tokenizer(
     )
 
 
+WORDPIECE_PREFIX = "##"
+
+
+def _wordpiece_vocab(word_counts: Counter[str], vocab_size: int, min_frequency: int) -> dict[str, int]:
+    """The WordPiece vocabulary of ``tokenizers``' trainer, deterministically: the special tokens, every
+    character (sorted), every word-inner character as ``##c`` (sorted), then merges of the most frequent
+    adjacent pair until ``vocab_size`` entries or no pair occurs ``min_frequency`` times.
+
+    Ties in frequency go to the pair of smaller ids (the library's rule too); as the ids here come from
+    sorted lists rather than hash-map order, the result depends on the word counts alone.
+    """
+    words = sorted(word_counts)
+    chars = sorted({char for word in words for char in word})
+    inner = sorted({char for word in words for char in word[1:]})
+    id_to_token = list(dict.fromkeys([*SPECIAL_TOKENS, *chars, *(WORDPIECE_PREFIX + c for c in inner)]))
+    token_to_id = {token: i for i, token in enumerate(id_to_token)}
+    pieces = [
+        [token_to_id[word[0]], *(token_to_id[WORDPIECE_PREFIX + c] for c in word[1:])] for word in words
+    ]
+    counts = [word_counts[word] for word in words]
+    pair_counts: Counter[tuple[int, int]] = Counter()
+    where: defaultdict[tuple[int, int], set[int]] = defaultdict(set)
+    for i, (piece, count) in enumerate(zip(pieces, counts)):
+        for pair in zip(piece, piece[1:]):
+            pair_counts[pair] += count
+            where[pair].add(i)
+    # A max-heap by count, then min by pair; entries go stale as counts fall and are re-queued lazily.
+    heap = [(-count, a, b) for (a, b), count in pair_counts.items()]
+    heapq.heapify(heap)
+    while len(id_to_token) < vocab_size and heap:
+        negative, a, b = heapq.heappop(heap)
+        current = pair_counts.get((a, b), 0)
+        if -negative != current:
+            if current > 0:
+                heapq.heappush(heap, (-current, a, b))
+            continue
+        if current < min_frequency:
+            break
+        token = id_to_token[a] + id_to_token[b].removeprefix(WORDPIECE_PREFIX)
+        if token not in token_to_id:  # two merges can spell the same piece: it keeps its first id
+            token_to_id[token] = len(id_to_token)
+            id_to_token.append(token)
+        new_id = token_to_id[token]
+        grown: set[tuple[int, int]] = set()
+        for i in sorted(where.pop((a, b))):
+            old, count = pieces[i], counts[i]
+            merged: list[int] = []
+            j = 0
+            while j < len(old):
+                if j + 1 < len(old) and old[j] == a and old[j + 1] == b:
+                    merged.append(new_id)
+                    j += 2
+                else:
+                    merged.append(old[j])
+                    j += 1
+            if len(merged) == len(old):  # stale: an earlier merge took this word's occurrences
+                continue
+            for pair in zip(old, old[1:]):
+                pair_counts[pair] -= count
+            for pair in zip(merged, merged[1:]):
+                pair_counts[pair] += count
+                where[pair].add(i)
+                grown.add(pair)
+            pieces[i] = merged
+        for pair in sorted(grown):
+            if pair_counts[pair] > 0:
+                heapq.heappush(heap, (-pair_counts[pair], *pair))
+    return token_to_id
+
+
 def build_model(
     preset: str | Preset,
     tokenizer: PreTrainedTokenizerBase,
     *,
-    max_seq_length: int = 128,
-    pooling: str = "cls",
+    max_seq_length: int | None = None,
+    pooling: str | None = None,
     save_dir: str | os.PathLike | None = None,
     seed: int | None = None,
 ) -> SentenceTransformer:
@@ -120,9 +212,10 @@ def build_model(
         preset: a name from :data:`PRESETS` (``retromae-tiny``, ``retromae-small``, ``retromae-base``)
             or a :class:`Preset`.
         tokenizer: the tokenizer; its vocabulary size fixes the embedding table.
-        max_seq_length: the longest input the model reads; at most the preset's positions.
-        pooling: ``"cls"`` for RetroMAE (the decoder reads the [CLS] vector); ``"mean"`` for a
-            from-scratch model fine-tuned without RetroMAE.
+        max_seq_length: the longest input the model reads; at most the preset's positions. None:
+            :data:`PRESET_MAX_SEQ_LENGTH` (128).
+        pooling: ``"cls"`` for RetroMAE (the decoder reads the [CLS] vector; the default, None, means
+            this); ``"mean"`` for a from-scratch model fine-tuned without RetroMAE.
         save_dir: where the initial weights are written (Sentence-Transformers builds its
             ``Transformer`` module from a folder); a temporary folder when None.
         seed: seeds the weight initialisation.
@@ -133,6 +226,8 @@ def build_model(
         shape = PRESETS[preset]
     else:
         shape = preset
+    max_seq_length = PRESET_MAX_SEQ_LENGTH if max_seq_length is None else max_seq_length
+    pooling = PRESET_POOLING if pooling is None else pooling
     if max_seq_length > shape.max_positions:
         raise UserInputError(
             f"max_seq_length={max_seq_length} exceeds the model's {shape.max_positions} positions: "
@@ -150,24 +245,37 @@ def build_model(
     return _assemble(str(folder), max_seq_length=max_seq_length, pooling=pooling)
 
 
-def load_encoder(
-    name_or_path: str,
-    *,
-    max_seq_length: int | None = None,
-    pooling: str = "cls",
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-    model_kwargs: dict[str, Any] | None = None,
-) -> SentenceTransformer:
-    """Load an existing encoder as a Sentence-Transformers model.
+def hub_name(name_or_path: str) -> str:
+    """The name ``SentenceTransformer(name_or_path)`` loads: a short hub name (no ``/``) that is not one of
+    the original transformers checkpoints (``bert-base-uncased``, ...) gains the ``sentence-transformers/``
+    prefix, so ``all-MiniLM-L6-v2`` is ``sentence-transformers/all-MiniLM-L6-v2``. Folders stay as they are.
+    """
+    if os.path.isdir(name_or_path) or "/" in name_or_path or "\\" in name_or_path:
+        return name_or_path
+    organization = SentenceTransformer.default_huggingface_organization
+    if organization is None or name_or_path.lower() in ORIGINAL_TRANSFORMER_MODELS:
+        return name_or_path
+    return f"{organization}/{name_or_path}"
 
-    A Sentence-Transformers folder (with ``modules.json``) loads as it is; a plain transformers encoder
-    (a folder with ``config.json``, or a hub name such as ``bert-base-uncased``) becomes ``Transformer`` +
-    ``Pooling(pooling)``. Loading is safe by default: weights only from safetensors (``allow_pickle``
-    lifts that) and no code from the model folder (``trust_remote_code`` lifts that).
+
+def pooling_mode(model: SentenceTransformer) -> str | None:
+    """How ``model`` pools token vectors into one (``"cls"``, ``"mean"``, ...); None without a Pooling module."""
+    module = next((module for module in model if isinstance(module, Pooling)), None)
+    if module is None:
+        return None
+    mode = module.pooling_mode
+    return mode if isinstance(mode, str) else "+".join(mode)
+
+
+def model_source(name_or_path: str, *, allow_pickle: bool = False) -> str:
+    """What :func:`load_encoder` loads for ``name_or_path``: the folder itself, after the safe-loading checks
+    (a model folder, not pickle-only unless ``allow_pickle``), or the hub name (:func:`hub_name`).
+
+    Raises:
+        UserInputError: a file, a folder that is not a model, pickle-only weights, or a path that does not
+            exist and cannot be a hub name.
     """
     path = Path(name_or_path)
-    kwargs = {"use_safetensors": not allow_pickle, **(model_kwargs or {})}
     if path.exists():
         if not path.is_dir():
             raise UserInputError(f"{name_or_path} is a file; pass the model's folder.")
@@ -181,31 +289,160 @@ def load_encoder(
                 f"{name_or_path} holds only pickle (.bin) weights, which can run code when loaded: convert them to "
                 "safetensors, or pass --allow-pickle if you trust the folder."
             )
+        return name_or_path
+    if name_or_path.count("/") > 1 or name_or_path.startswith((".", "/", "~")):
+        # A hub name is "org/name" at most; anything longer was meant as a folder.
+        raise UserInputError(f"{name_or_path} does not exist: pass an existing model folder or a hub name.")
+    return hub_name(name_or_path)
+
+
+def check_model_available(
+    name_or_path: str, *, allow_pickle: bool = False, max_seq_length: int | None = None, what: str = "model"
+) -> None:
+    """Check, without loading weights, that :func:`load_encoder` can find ``name_or_path``: a local folder
+    passes :func:`model_source` (and ``max_seq_length`` fits its ``config.json``); a hub name must be in
+    the local cache when offline (``HF_HUB_OFFLINE``), or known to the hub otherwise (one short request;
+    a hub that cannot be reached is only logged, the loader reports it later).
+
+    Raises:
+        UserInputError: naming ``what`` (e.g. ``model.name_or_path``), the model and what to do.
+    """
     try:
-        if (path / "modules.json").exists():
-            model = SentenceTransformer(
-                str(path),
+        source = model_source(name_or_path, allow_pickle=allow_pickle)
+    except UserInputError as error:
+        raise UserInputError(f"{what}: {error}") from None
+    if Path(source).is_dir():
+        config_file = Path(source) / "config.json"
+        if max_seq_length is not None and config_file.is_file():
+            try:
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                raise UserInputError(
+                    f"{what}: {config_file} is not valid JSON; repair or replace it."
+                ) from None
+            positions = config.get("max_position_embeddings") if isinstance(config, dict) else None
+            if isinstance(positions, int) and max_seq_length > positions:
+                raise UserInputError(
+                    f"{what}: max_seq_length={max_seq_length} exceeds the {positions} positions of "
+                    f"{name_or_path}: use max_seq_length <= {positions}."
+                )
+        return
+    import huggingface_hub
+
+    if _offline():
+        cached = any(
+            isinstance(huggingface_hub.try_to_load_from_cache(source, name), str)
+            for name in ("modules.json", "config.json")
+        )
+        if not cached:
+            raise UserInputError(
+                f"{what}: {source!r} is neither a local folder nor in the local Hugging Face cache, and "
+                "HF_HUB_OFFLINE is set: download it first or pass a local folder."
+            )
+        return
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        huggingface_hub.model_info(source, timeout=10)
+    except GatedRepoError:
+        return  # it exists; the loader reports access problems itself
+    except RepositoryNotFoundError:
+        raise UserInputError(
+            f"{what}: {name_or_path!r} is no local folder and the hub has no model {source!r}: check the name "
+            "or the path."
+        ) from None
+    except Exception as error:  # network failures come as httpx, requests or OS errors depending on versions
+        logger.warning("could not ask the hub about %s (%s); the loader will try again", source, error)
+
+
+def load_encoder(
+    name_or_path: str,
+    *,
+    max_seq_length: int | None = None,
+    pooling: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
+) -> SentenceTransformer:
+    """Load an existing encoder as a Sentence-Transformers model.
+
+    A Sentence-Transformers model (a folder or hub repository with ``modules.json``) loads exactly as
+    ``SentenceTransformer(name_or_path)`` loads it: its own modules, pooling and maximum length, short hub
+    names resolved the same way (:func:`hub_name`). A plain transformers encoder (``config.json`` and no
+    ``modules.json``, e.g. ``bert-base-uncased``) becomes ``Transformer`` + ``Pooling(pooling)``, CLS by
+    default. An explicit ``pooling`` or ``max_seq_length`` is honoured for both: a Sentence-Transformers
+    model's Pooling module is replaced when it pools otherwise. Loading is safe by default: weights only
+    from safetensors (``allow_pickle`` lifts that) and no code from the model (``trust_remote_code`` lifts
+    that).
+    """
+    path = Path(name_or_path)
+    kwargs = {"use_safetensors": not allow_pickle, **(model_kwargs or {})}
+    source = model_source(name_or_path, allow_pickle=allow_pickle)
+    try:
+        if path.exists():
+            is_st = (path / "modules.json").exists()
+        else:
+            # The same probe SentenceTransformer itself makes (modules.json in the repository or the cache).
+            is_st = is_sentence_transformer_model(source, local_files_only=_offline())
+        if not is_st:
+            return _assemble(
+                source,
+                max_seq_length=max_seq_length,
+                pooling=PRESET_POOLING if pooling is None else pooling,
                 trust_remote_code=trust_remote_code,
                 model_kwargs=kwargs,
-                local_files_only=_offline(),
             )
-            if max_seq_length is not None:
-                config = getattr(getattr(model[0], "auto_model", None), "config", None)
-                _check_positions(config, max_seq_length, name_or_path)
-                model.max_seq_length = max_seq_length
-            return model
-        return _assemble(
-            name_or_path,
-            max_seq_length=max_seq_length,
-            pooling=pooling,
-            trust_remote_code=trust_remote_code,
-            model_kwargs=kwargs,
+        model = SentenceTransformer(
+            source, trust_remote_code=trust_remote_code, model_kwargs=kwargs, local_files_only=_offline()
         )
     except OSError as error:
         if path.exists():
             raise
         hint = " (HF_HUB_OFFLINE is set: download it first or pass a local folder)" if _offline() else ""
-        raise UserInputError(f"cannot load model {name_or_path!r}{hint}: {error}") from error
+        # Name the hub repository looked up: a short name is not the folder the user may have meant.
+        looked_up = f" (no such folder; looked up on the hub as {source!r})" if source != name_or_path else ""
+        raise UserInputError(f"cannot load model {name_or_path!r}{looked_up}{hint}: {error}") from error
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as error:
+        # --allow-pickle reads .bin weights with torch's weights-only unpickler: a corrupt file (RuntimeError
+        # from the zip reader, EOFError) or one that would run code (UnpicklingError) stops here, unexecuted.
+        if not allow_pickle or not (
+            isinstance(error, (pickle.UnpicklingError, EOFError)) or "zip" in str(error)
+        ):
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserInputError(
+            f"{name_or_path}: its pickle (.bin) weights cannot be loaded safely ({type(error).__name__}: "
+            f"{first[:200]}); the file is corrupt or holds more than tensors (code that would run when loaded). "
+            "Use safetensors weights from a trusted source."
+        ) from error
+    if max_seq_length is not None:
+        config = getattr(getattr(model[0], "auto_model", None), "config", None)
+        _check_positions(config, max_seq_length, name_or_path)
+        model.max_seq_length = max_seq_length
+    if pooling is not None:
+        set_pooling(model, pooling, name_or_path)
+    return model
+
+
+def set_pooling(model: SentenceTransformer, pooling: str, name: str = "the model") -> None:
+    """Make ``model`` pool by ``pooling``, replacing its Pooling module (in place) when it pools otherwise."""
+    for key, module in model._modules.items():
+        if not isinstance(module, Pooling):
+            continue
+        own = pooling_mode(model)
+        if own == pooling:
+            return
+        logger.info(
+            "%s pools by %s; replacing its Pooling module by %s pooling, as asked", name, own, pooling
+        )
+        replacement = Pooling(
+            module.embedding_dimension, pooling_mode=pooling, include_prompt=module.include_prompt
+        )
+        model._modules[key] = replacement.to(next(model.parameters()).device)
+        return
+    raise UserInputError(
+        f"{name} has no Pooling module, so pooling={pooling!r} cannot be applied: leave pooling unset."
+    )
 
 
 def _assemble(

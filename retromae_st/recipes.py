@@ -1,8 +1,9 @@
 """The recipe: one YAML file that describes a whole run, validated against a typed schema first.
 
 A recipe names the model, stage 1 (RetroMAE pretraining), stage 2 (contrastive fine-tuning), the
-evaluation and the output folder. It is read with ``yaml.safe_load`` semantics (no Python objects), then
-validated by pydantic models with ``extra="forbid"``: an unknown key or a wrong type is an error that
+evaluation and the output folder. It is read with ``yaml.safe_load`` semantics (no Python objects; and
+bounded aliases, no recursive ones, no duplicate keys: see :data:`MAX_ALIASES`), then validated by pydantic
+models with ``extra="forbid"``: an unknown key or a wrong type is an error that
 names the key and its line in the file, before anything runs. Any value can be overridden from the
 command line with ``--set stage.key=value``.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -35,8 +36,14 @@ class ModelSection(_Section):
     )
     vocab_size: int = Field(default=8000, ge=50, description="size of a tokenizer trained on the corpus")
     lowercase: bool = True
-    max_seq_length: int = Field(default=128, ge=8)
-    pooling: Literal["cls", "mean"] = "cls"
+    # None = "the model's own": for a preset 128 and CLS (models.PRESET_*); for an existing
+    # Sentence-Transformers model its own length and pooling; an explicit value is always honoured.
+    max_seq_length: int | None = Field(
+        default=None, ge=8, description="default: 128 for a preset, the model's own for name_or_path"
+    )
+    pooling: Literal["cls", "mean"] | None = Field(
+        default=None, description="default: cls for a preset, the model's own for name_or_path"
+    )
     trust_remote_code: bool = False
     allow_pickle: bool = False
 
@@ -57,6 +64,31 @@ class RetroMAEOptions(_Section):
     decoder_heads: int | None = Field(default=None, ge=1)
     bow_weight: float = Field(default=0.0, ge=0)
     max_length_groups: int = Field(default=4, ge=1, description="sub-batches of similar length (1: off)")
+    head_warmup_steps: Literal["auto"] | Annotated[int, Field(ge=0)] = Field(
+        default="auto",
+        description="first steps that train only a fresh MLM head and the decoder, encoder frozen "
+        "(auto: up to 50 when the checkpoint has no MLM head; 0: off)",
+    )
+    decoder_mask_start: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="decoder-mask curriculum: the decoder mask ratio at step 0, annealed linearly to "
+        "decoder_mask_ratio over decoder_mask_steps steps (None: off; 1.0: the decoder sees only h)",
+    )
+    decoder_mask_steps: int = Field(default=0, ge=0, description="length of the decoder-mask ramp, in steps")
+    mean_mix_start: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="from-scratch encoders: weight of the mean-pooled token states in the decoder's input at "
+        "step 0, falling linearly to 0 over mean_mix_steps (0: off)",
+    )
+    mean_mix_steps: int = Field(default=0, ge=0, description="length of the mean-mix ramp, in steps")
+    compile: bool = Field(
+        default=False,
+        description="run the encoder and decoder through torch.compile (masking and losses stay eager)",
+    )
 
 
 class PretrainSection(_Section):
@@ -150,6 +182,11 @@ class EvaluationSection(_Section):
     mteb: list[str] = Field(default_factory=list, description="MTEB task names (need the hub)")
     baselines: list[str] = Field(default_factory=list, description="other model folders to compare against")
     compare_untrained: bool = True
+    compare_no_pretraining: bool = Field(
+        default=False,
+        description="also run stage 2 from the initial model (no stage 1) and report the difference; "
+        "costs a second stage 2",
+    )
     index: str = "flat"
     batch_size: int = Field(default=64, ge=1)
 
@@ -172,8 +209,128 @@ class Recipe(_Section):
 # -- loading ------------------------------------------------------------------------------------------
 
 
-def _line_index(text: str) -> dict[tuple[str, ...], int]:
-    """Map each key path in the YAML document to its 1-based line, for error messages."""
+#: A recipe is a few dozen values. These bound what YAML aliases can make of a small file: nested aliases
+#: ("billion laughs") expand exponentially when the document is walked, validated or printed.
+MAX_ALIASES = 1_000
+MAX_NODES = 100_000
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class RecipeYAMLError(yaml.YAMLError):
+    """A YAML document the recipe loader refuses, with the 1-based line of the problem (None: unknown)."""
+
+    def __init__(self, message: str, line: int | None = None) -> None:
+        super().__init__(message)
+        self.message, self.line = message, line
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no Python objects) that refuses recursive aliases and too many aliases.
+
+    PyYAML registers an anchor before composing its content, so ``a: &a [*a]`` makes a node that contains
+    itself: every later walk of it recurses forever. Refused here, while composing.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._alias_count = 0
+        self._open_anchors: list[str] = []  # anchors whose node is still being composed
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            line = event.start_mark.line + 1
+            if event.anchor in self._open_anchors:
+                raise RecipeYAMLError(
+                    f"the alias *{event.anchor} is inside its own anchor &{event.anchor} (a recursive alias); "
+                    "a recipe cannot contain itself: write the values out.",
+                    line,
+                )
+            self._alias_count += 1
+            if self._alias_count > MAX_ALIASES:
+                raise RecipeYAMLError(
+                    f"more than {MAX_ALIASES} aliases (*name); a recipe never needs that many: write the "
+                    "values out.",
+                    line,
+                )
+            return super().compose_node(parent, index)
+        anchor = getattr(event, "anchor", None)
+        if anchor is None:
+            return super().compose_node(parent, index)
+        self._open_anchors.append(anchor)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._open_anchors.pop()
+
+
+def _check_graph(root: yaml.Node, loader: _RecipeLoader) -> None:
+    """Refuse a document that expands to over MAX_NODES values, or a mapping with a key twice.
+
+    Each node is visited once (aliases share nodes), so this costs the size of the file, not of its
+    expansion. Keys brought in by a merge (``<<: *base``) may be overridden and are not duplicates.
+    """
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        known = sizes.get(id(node))
+        if known is not None:
+            return known
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.MappingNode):
+            _check_duplicate_keys(node, loader)
+            children = [child for pair in node.value for child in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_NODES:
+                raise RecipeYAMLError(
+                    f"this value expands to more than {MAX_NODES} values through nested aliases (*name); "
+                    "a recipe is a few dozen values: write them out instead of nesting aliases.",
+                    node.start_mark.line + 1,
+                )
+        sizes[id(node)] = total
+        return total
+
+    size(root)
+
+
+def _check_duplicate_keys(node: yaml.MappingNode, loader: _RecipeLoader) -> None:
+    # Plain YAML loading keeps the last of two equal keys silently; in a recipe that hides a mistake.
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+            continue
+        key = loader.construct_object(key_node)
+        line = key_node.start_mark.line + 1
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: the constructor reports it
+            continue
+        if first is not None:
+            raise RecipeYAMLError(
+                f"duplicate key {key!r} (also at line {first}); keep only one of them.", line
+            )
+        seen[key] = line
+
+
+def _load_yaml(text: str) -> tuple[Any, yaml.Node | None]:
+    """Safely load one YAML document with the bounds above; (data, composed root node or None)."""
+    loader = _RecipeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None, None
+        _check_graph(root, loader)
+        return loader.construct_document(root), root
+    finally:
+        loader.dispose()
+
+
+def _line_index(root: yaml.Node | None) -> dict[tuple[str, ...], int]:
+    """Map each key path in the composed YAML document to its 1-based line, for error messages."""
     lines: dict[tuple[str, ...], int] = {}
 
     def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
@@ -187,7 +344,6 @@ def _line_index(text: str) -> dict[tuple[str, ...], int]:
                 lines[(*path, str(index))] = item.start_mark.line + 1
                 walk(item, (*path, str(index)))
 
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
     if root is not None:
         walk(root, ())
     return lines
@@ -218,7 +374,19 @@ def parse_override(assignment: str) -> tuple[list[str], Any]:
     key, raw = assignment.split("=", 1)
     if not key.strip():
         raise UserInputError(f"override {assignment!r} has no key")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    if not raw.strip():
+        return key.strip().split("."), None
+    try:
+        value, _ = _load_yaml(raw)  # the same bounded safe loading as the file
+    except RecursionError:
+        raise UserInputError(f"override {assignment!r}: the value is nested too deeply") from None
+    except RecipeYAMLError as error:
+        raise UserInputError(f"override {assignment!r}: {error.message}") from None
+    except yaml.YAMLError as error:
+        raise UserInputError(
+            f"override {assignment!r}: invalid YAML value: {error}".replace("\n", " ")
+        ) from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -244,10 +412,18 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     except UnicodeDecodeError as error:
         raise UserInputError(f"{path}: not UTF-8 text (byte {error.start})") from None
     try:
-        data = yaml.safe_load(text)
-        lines = _line_index(text)
+        data, root = _load_yaml(text)
+        lines = _line_index(root)
+    except RecipeYAMLError as error:
+        where = f"{path}:{error.line}" if error.line else str(path)
+        raise UserInputError(f"{where}: {error.message}") from None
     except yaml.YAMLError as error:
         raise UserInputError(f"{path}: invalid YAML: {error}".replace("\n", " ")) from None
+    except RecursionError:
+        # PyYAML composes nested collections recursively; thousands of levels exhaust Python's stack.
+        raise UserInputError(
+            f"{path}: the YAML is nested too deeply to read; a recipe is a few levels of sections."
+        ) from None
     if not isinstance(data, dict):
         raise UserInputError(f"{path}: a recipe is a mapping of sections (model, pretrain, finetune, ...)")
     data = apply_overrides(data, overrides or [])

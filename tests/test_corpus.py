@@ -544,3 +544,43 @@ def test_collator_and_sampler_train_with_sentence_transformers(tiny_model, token
     )
     trainer.train()
     assert len(seen) == 3 and all(shape[0] == 8 and shape[1] <= 24 for shape in seen)
+
+
+def test_documents_of_unknown_tokens_only_are_dropped_counted_and_reported(tokenizer, tmp_path, caplog):
+    # The tokenizer knows only the test vocabulary: Japanese text and symbols are all [UNK].
+    texts = ["retrieval model", "日本語のテキスト ☃", "model 日本", "\x01\x02", "ソフトウェア"]
+    dataset = datasets.Dataset.from_dict({"text": texts})
+    with caplog.at_level("WARNING", logger="retromae_st.data.tokenize"):
+        windows, stats = tokenize_corpus(dataset, tokenizer, 16, cache_dir=tmp_path)
+    # Partly known text is kept (its known words still teach); all-unknown documents are not windows.
+    assert len(windows) == 2 and stats.windows == 2
+    assert stats.documents_skipped == {"all unknown tokens": 2, "no tokens": 1} and stats.documents_kept == 2
+    assert all(ids.count(tokenizer.unk_token_id) < len(ids) - 2 for ids in windows["input_ids"])
+    [warning] = [r.getMessage() for r in caplog.records if "unknown token" in r.getMessage()]
+    assert "2 documents" in warning and "[UNK]" in warning and "does not cover" in warning
+    assert "all unknown tokens: 2" in stats.summary()
+    _, again = tokenize_corpus(dataset, tokenizer, 16, cache_dir=tmp_path)
+    assert again.cached and again.documents_skipped == stats.documents_skipped
+    only_unknown = datasets.Dataset.from_dict({"text": ["日本語", "☃☃"]})
+    with pytest.raises(UserInputError, match="2 were all unknown tokens: the tokenizer does not cover"):
+        tokenize_corpus(only_unknown, tokenizer, 16)
+
+
+def test_check_text_source_is_the_cheap_part_of_load_texts(tmp_path):
+    from retromae_st.data.sources import check_text_source
+
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "notes.docx").write_text("x")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "paper.pdf").write_text("x")
+    (tmp_path / "ok.txt").write_text("a document\n")
+    for name, message in (
+        ("missing.txt", "does not exist"),
+        ("empty.txt", "is empty"),
+        ("notes.docx", "unknown file type '.docx'"),
+        ("folder", "has no files to read"),
+    ):
+        with pytest.raises(UserInputError, match=message):
+            check_text_source(tmp_path / name)
+    check_text_source(tmp_path / "ok.txt")
+    check_text_source("some-owner/some-dataset")  # a hub name: left to the loader

@@ -180,8 +180,8 @@ def test_bad_arguments_fail_before_any_work(tiny_model, beir, tmp_path):
     with pytest.raises(UserInputError, match="nothing to evaluate"):
         evaluate([tiny_model], output_dir=tmp_path / "o")
     with pytest.raises(UserInputError, match="distinct labels"):
-        evaluate(
-            [str(tmp_path / "a" / "m"), str(tmp_path / "b" / "m")],
+        evaluate(  # a/m and b/m would be labelled apart (a/m, b/m); the same model twice cannot be
+            [str(tmp_path / "a" / "m"), str(tmp_path / "a" / "m")],
             beir_folders=[beir],
             output_dir=tmp_path / "o",
         )
@@ -192,6 +192,34 @@ def test_bad_arguments_fail_before_any_work(tiny_model, beir, tmp_path):
             [tiny_model], beir_folders=[beir], training_logs={"x": {"steps": []}}, output_dir=tmp_path / "o"
         )
     assert not (tmp_path / "o").exists()
+
+
+def test_comparisons_report_signed_differences_per_task(tiny_model, beir, tmp_path):
+    from retromae_st.evaluation.report import Comparison, compare_results, comparison_line, render_markdown
+
+    with pytest.raises(UserInputError, match="not among the models"):
+        evaluate(
+            {"a": tiny_model}, beir_folders=[beir], output_dir=tmp_path / "o", comparisons=[("t", "a", "b")]
+        )
+    assert not (tmp_path / "o").exists()
+    results = [
+        {"model": "with", "task": "x", "metrics": {"ndcg@10": 0.30, "recall@10": 0.5}},
+        {"model": "without", "task": "x", "metrics": {"ndcg@10": 0.42, "recall@10": 0.5}},
+        {"model": "with", "task": "mteb", "metrics": {"main_score": 0.2}},
+        {"model": "without", "task": "mteb", "metrics": {"main_score": 0.1}},
+        {"model": "with", "task": "only-one", "metrics": {"ndcg@10": 0.1}},  # no reference row: no entry
+    ]
+    results = [{**row, "evaluator": "a test"} for row in results]
+    entries = compare_results(results, [Comparison("stage 1 vs none", "with", "without")])
+    assert [e["task"] for e in entries] == ["x", "mteb"]
+    assert entries[0]["differences"] == pytest.approx({"ndcg@10": -0.12, "recall@10": 0.0})
+    assert (
+        comparison_line(entries[0]) == "stage 1 vs none: -0.1200 nDCG@10 on x (with 0.3000 vs without 0.4200)"
+    )
+    assert comparison_line(entries[1]).startswith("stage 1 vs none: +0.1000 main score on mteb")
+    report = {"created": "now", "versions": {}, "split": "test", "index": {"name": "flat"}, "models": []}
+    markdown = render_markdown({**report, "results": results, "comparisons": entries})
+    assert "## Comparisons" in markdown and "| with vs without | x | -0.1200 | ±0.0000 | – |" in markdown
 
 
 def test_hub_task_offline_fails_at_once_with_a_clear_message(monkeypatch, tmp_path):

@@ -107,3 +107,75 @@ def test_dump_round_trips(tmp_path):
     recipe = load_recipe(write(tmp_path, MINIMAL))
     again = write(tmp_path, yaml.safe_dump(recipe.model_dump()))
     assert load_recipe(again) == recipe
+
+
+# -- YAML aliases and duplicate keys (issue #10, item 8) ----------------------------------------------------
+
+
+def alias_bomb(levels: int, width: int) -> str:
+    """``a: &a [x, ...]``, ``b: &b [*a, ...]``, ...: ``width ** levels`` values from a few hundred bytes."""
+    names = "abcdefghijklmnopqrstuvwxyz"
+    lines = [f"a: &a [{', '.join(['x'] * width)}]"]
+    for previous, name in zip(names, names[1:levels]):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{previous}'] * width)}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_alias_bomb_is_refused_naming_the_line(tmp_path):
+    # 10**5 values from 300 bytes: the expansion is refused before anything walks it.
+    path = write(tmp_path, MINIMAL + alias_bomb(levels=5, width=10))
+    with pytest.raises(
+        UserInputError, match=r"recipe.yaml:13: .*more than 100000 values through nested alias"
+    ):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [("a: &a [*a]\n", 1), ("name: x\nb: &b\n  c: *b\n", 3), ("s: &s [1, [2, *s]]\n", 1)],
+)
+def test_recursive_alias_is_refused_naming_file_and_line(tmp_path, text, line):
+    with pytest.raises(UserInputError, match=rf"recipe.yaml:{line}: the alias \*\w is inside its own anchor"):
+        load_recipe(write(tmp_path, text))
+
+
+def test_too_many_aliases_are_refused(tmp_path):
+    text = MINIMAL + "v: &v 1\nmany: [" + ", ".join(["*v"] * 1001) + "]\n"
+    with pytest.raises(UserInputError, match=r"recipe.yaml:10: more than 1000 aliases"):
+        load_recipe(write(tmp_path, text))
+    # A recipe that uses aliases modestly still loads.
+    modest = MINIMAL.replace("  max_steps: 3", "  max_steps: &steps 3\n  save_steps: *steps")
+    assert load_recipe(write(tmp_path, modest)).pretrain.save_steps == 3
+
+
+def test_deeply_nested_yaml_is_a_user_error(tmp_path):
+    with pytest.raises(UserInputError, match="nested too deeply"):
+        load_recipe(write(tmp_path, MINIMAL + "deep: " + "[" * 5000 + "]" * 5000 + "\n"))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (MINIMAL + "  max_steps: 9\n", r"recipe.yaml:9: duplicate key 'max_steps' \(also at line 8\)"),
+        (MINIMAL + "name: other\n", r"recipe.yaml:9: duplicate key 'name' \(also at line 1\)"),
+        (MINIMAL + "x: {a: 1, a: 2}\n", r"recipe.yaml:9: duplicate key 'a' \(also at line 9\)"),
+    ],
+)
+def test_duplicate_keys_name_both_lines(tmp_path, text, message):
+    with pytest.raises(UserInputError, match=message):
+        load_recipe(write(tmp_path, text))
+
+
+def test_merge_keys_may_be_overridden():
+    from retromae_st.recipes import _load_yaml
+
+    data, _ = _load_yaml("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\n")
+    assert data["other"] == {"x": 3, "y": 2}
+
+
+def test_override_values_are_loaded_with_the_same_bounds(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(UserInputError, match=r"override 'seed=&a \[\*a\]': the alias \*a is inside"):
+        load_recipe(path, ["seed=&a [*a]"])
+    with pytest.raises(UserInputError, match=r"override 'seed=\[1': invalid YAML value"):
+        load_recipe(path, ["seed=[1"])

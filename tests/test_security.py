@@ -184,3 +184,29 @@ def test_recipe_outputs_cannot_escape_the_output_root(tmp_path, capsys, key, val
     assert expected in message and repr(value) in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]  # nothing written outside the root
     assert sorted(p.name for p in root.iterdir()) == ["c.txt", "r.yaml"]  # nor anything inside it
+
+
+def test_alias_bomb_recipe_check_ends_quickly_with_exit_2(tmp_path):
+    # "Billion laughs": 9 nested levels of 9 aliases, 9**9 values from a 300-byte file. Before aliases were
+    # bounded, even `run --check` never returned; in a subprocess, so the hang would be bounded by timeout.
+    names = "abcdefghi"
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    lines += [f"{n}: &{n} [{','.join([f'*{p}'] * 9)}]" for p, n in zip(names, names[1:])]
+    recipe = tmp_path / "bomb.yaml"
+    recipe.write_text("\n".join(lines) + "\n")
+    assert recipe.stat().st_size < 400
+    result = subprocess.run(
+        [sys.executable, "-m", "retromae_st.cli", "run", str(recipe), "--check"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"retromae-st: error: {recipe}:6: ") and "nested aliases" in last
+    assert "Traceback" not in result.stderr
+
+
+def test_recursive_alias_in_a_recipe_exits_2_naming_the_file(tmp_path, capsys):
+    recipe = tmp_path / "loop.yaml"
+    recipe.write_text(RECIPE.format(output_dir="out", corpus="c.txt") + "loop: &l [*l]\n")
+    assert cli.main(["run", str(recipe), "--check"]) == 2
+    assert f"{recipe}:9: the alias *l is inside its own anchor &l" in _error(capsys)

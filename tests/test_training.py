@@ -18,6 +18,7 @@ from sentence_transformers import SentenceTransformer
 from transformers import TrainerCallback
 
 from retromae_st.data.tokenize import tokenize_corpus
+from retromae_st.errors import UserInputError
 from retromae_st.models import build_model
 from retromae_st.pretraining.loss import LOSS_WEIGHTS_NAME, RetroMAELoss
 from retromae_st.pretraining.training import (
@@ -168,3 +169,19 @@ def test_torchrun_two_processes_end_identical(tmp_path, data):
     assert moved
     if data == "raw":  # mixed-length batches were run as several length groups, and DDP still agreed
         assert any(int(n) > 1 for n in (tmp_path / "groups0.txt").read_text().split())
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"save_steps": 0}, "save_steps=0"),
+        ({"logging_steps": 0}, "logging_steps=0"),
+        ({"bf16": True, "fp16": True}, "bf16 and fp16"),
+        ({"loss_kwargs": {"max_length_groups": 0}}, "max_length_groups=0"),
+    ],
+)
+def test_pretrain_refuses_bad_options_before_any_work(tiny_model, windows, tmp_path, options, expected):
+    # save_steps=0 used to be accepted by the trainer, which then trained without ever checkpointing.
+    with pytest.raises(UserInputError, match=expected):
+        pretrain(tiny_model, windows, tmp_path / "out", max_steps=1, **options)
+    assert not (tmp_path / "out").exists()

@@ -144,3 +144,34 @@ def load_beir(folder: str | os.PathLike, split: str = "test") -> BeirData:
                 )
     judged_queries = {query_id: queries[query_id] for query_id in qrels}
     return BeirData(corpus=corpus, queries=judged_queries, qrels=qrels, name=folder.name, split=split)
+
+
+def check_beir_folder(folder: str | os.PathLike, split: str) -> None:
+    """The cheap part of :func:`load_beir`, for checking a run before it starts: the folder and its three
+    files exist, the first record of ``corpus.jsonl`` and ``queries.jsonl`` is JSON with an ``_id``, and
+    ``qrels/<split>.tsv`` exists. Reads a line of each, whatever the corpus size; ids are checked on load.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserInputError(
+            f"{folder} is not a folder: pass a BEIR folder with corpus.jsonl, queries.jsonl, qrels/."
+        )
+    for name, what in (
+        ("corpus.jsonl", "corpus.jsonl with _id, title, text"),
+        ("queries.jsonl", "queries.jsonl with _id, text"),
+    ):
+        path = _require(folder / name, what)
+        records = iter_jsonl(path)
+        try:
+            first = next(records, None)
+        finally:
+            records.close()
+        if first is None and name == "corpus.jsonl":
+            raise UserInputError(f"{path} is empty: the corpus needs at least one document.")
+        if first is not None and "_id" not in first[1]:
+            raise UserInputError(f"{path}:{first[0]}: the record has no '_id'.")
+    if not (folder / "qrels" / f"{split}.tsv").is_file():
+        raise UserInputError(
+            f"{folder / 'qrels' / f'{split}.tsv'} is missing: split {split!r} does not exist; available splits: "
+            f"{available_splits(folder) or 'none'}."
+        )

@@ -167,6 +167,27 @@ def detect_text_format(path: str | os.PathLike, sample_bytes: int = _SCAN_BLOCK)
     return "lines"
 
 
+def check_text_source(source: str | os.PathLike) -> None:
+    """The cheap part of :func:`load_texts`, for checking a run before it starts: a path that exists, a
+    supported suffix, a folder that holds files to read (or a BEIR ``corpus.jsonl``), a file that is not
+    empty. Nothing is read; a name that is no path is taken as a hub dataset and left to the loader.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "corpus.jsonl").is_file():
+            _list_folder(path)
+    elif path.is_file():
+        if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+            raise UserInputError(
+                f"{path}: unknown file type {path.suffix or '(no suffix)'!r}; supported: "
+                f"{', '.join(SUPPORTED_SUFFIXES)} (rename the file, or pass the folder that holds it)."
+            )
+        if path.stat().st_size == 0:
+            raise UserInputError(f"{path} is empty: pass a file with at least one document.")
+    elif _looks_like_path(str(source)):
+        raise UserInputError(f"{source} does not exist: check the path (a file or a folder of text files).")
+
+
 def _looks_like_path(source: str) -> bool:
     """True when ``source`` cannot be a Hugging Face dataset name (``name`` or ``owner/name``)."""
     return (

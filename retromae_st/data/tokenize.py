@@ -33,8 +33,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_CHUNK_CHARS = 20_000
 
 # Bumped whenever the windowing changes, so that old caches are not mistaken for new ones.
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"  # 2: documents of unknown tokens only are dropped
 _STATS_FILE = "corpus_stats.json"
+#: The ``documents_skipped`` reason of a document whose tokens are all the tokenizer's unknown token.
+ALL_UNKNOWN = "all unknown tokens"
 
 # --------------------------------------------------------------------------------------------------
 # Tokenising and windowing
@@ -91,6 +93,7 @@ def tokenize_corpus(
     # A fresh copy: the caller's stats stay as they were, and a repeated call does not count twice.
     stats = CorpusStats(**{**(stats or CorpusStats()).to_dict(), "windows": 0, "tokens": 0, "cached": False})
     stats.documents_skipped.pop("no tokens", None)
+    stats.documents_skipped.pop(ALL_UNKNOWN, None)
     if not stats.documents_read:
         stats.documents_read = len(dataset)
 
@@ -115,20 +118,31 @@ def tokenize_corpus(
             batch_size=batch_size,
             num_proc=num_proc,
             remove_columns=dataset.column_names,
-            features=datasets.Features({"ids": datasets.List(datasets.Value("int32"))}),
-            fn_kwargs={"tokenizer": tokenizer, "chunk_chars": chunk_chars},
+            features=datasets.Features(
+                {"ids": datasets.List(datasets.Value("int32")), "unknown": datasets.Value("bool")}
+            ),
+            fn_kwargs={
+                "tokenizer": tokenizer,
+                "chunk_chars": chunk_chars,
+                "unknown_id": _unknown_id(tokenizer),
+            },
             desc="Tokenising",
             **cache_file("documents"),
         )
-        lengths = pc.list_value_length(documents.with_format("arrow")["ids"])
+        table = documents.with_format("arrow")
+        lengths = pc.list_value_length(table["ids"])
         stats.tokens = int(pc.sum(lengths).as_py() or 0)
-        stats.skip("no tokens", int(pc.sum(pc.equal(lengths, 0)).as_py() or 0))
+        unknown = int(pc.sum(table["unknown"]).as_py() or 0)
+        # All-unknown documents were emptied (they teach nothing: every target would be [UNK]).
+        stats.skip("no tokens", int(pc.sum(pc.equal(lengths, 0)).as_py() or 0) - unknown)
+        stats.skip(ALL_UNKNOWN, unknown)
+        _warn_all_unknown(unknown, stats, tokenizer)
         windows = documents.map(
             _window_batch,
             batched=True,
             batch_size=batch_size,
             num_proc=num_proc,
-            remove_columns=["ids"],
+            remove_columns=["ids", "unknown"],
             features=datasets.Features(
                 {"input_ids": datasets.List(datasets.Value("int32")), "length": datasets.Value("int32")}
             ),
@@ -144,8 +158,13 @@ def tokenize_corpus(
         )
         stats.windows = len(windows)
         if stats.windows == 0:
+            why = (
+                f" ({unknown} were all unknown tokens: the tokenizer does not cover this text)"
+                if unknown
+                else ""
+            )
             raise UserInputError(
-                f"{stats.source or 'the corpus'}: no document produced a token; check the tokenizer."
+                f"{stats.source or 'the corpus'}: no document produced a token{why}; check the tokenizer."
             )
         if target is not None:
             with atomic_dir(target, overwrite=True) as tmp:
@@ -200,8 +219,28 @@ def _split_text(text: str, chunk_chars: int) -> Iterator[str]:
     yield text[start:]
 
 
+def _unknown_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The unknown token's id, or None when the tokenizer has none (byte-level BPE never needs one)."""
+    return tokenizer.unk_token_id if tokenizer.unk_token is not None else None
+
+
+def _warn_all_unknown(count: int, stats: CorpusStats, tokenizer: PreTrainedTokenizerBase) -> None:
+    if count:
+        logger.warning(
+            "%s: %d documents are nothing but the unknown token %s after tokenising and were dropped: the "
+            "tokenizer does not cover their script or vocabulary. Use a tokenizer made for this text (leave "
+            "model.tokenizer unset with a preset to train one on the corpus, or pick a multilingual model).",
+            stats.source or "the corpus",
+            count,
+            tokenizer.unk_token,
+        )
+
+
 def _tokenize_batch(
-    batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, chunk_chars: int
+    batch: dict[str, list],
+    tokenizer: PreTrainedTokenizerBase,
+    chunk_chars: int,
+    unknown_id: int | None = None,
 ) -> dict[str, list]:
     pieces, owners = [], []
     for index, text in enumerate(batch["text"]):
@@ -219,7 +258,9 @@ def _tokenize_batch(
     ids: list[list[int]] = [[] for _ in batch["text"]]
     for owner, piece_ids in zip(owners, encoded):
         ids[owner].extend(piece_ids)
-    return {"ids": ids}
+    # Tokenised without special tokens, so a document that is all unknown ids holds nothing to learn from.
+    unknown = [unknown_id is not None and bool(doc) and doc.count(unknown_id) == len(doc) for doc in ids]
+    return {"ids": [[] if drop else doc for doc, drop in zip(ids, unknown)], "unknown": unknown}
 
 
 def _window_batch(
@@ -266,6 +307,7 @@ def _load_cached(target: Path, stats: CorpusStats) -> tuple[datasets.Dataset, Co
     saved = json.loads((target / _STATS_FILE).read_text(encoding="utf-8"))
     stats.windows, stats.tokens, stats.cached = saved["windows"], saved["tokens"], True
     stats.skip("no tokens", saved.get("documents_skipped", {}).get("no tokens", 0))
+    stats.skip(ALL_UNKNOWN, saved.get("documents_skipped", {}).get(ALL_UNKNOWN, 0))
     windows = datasets.load_from_disk(str(target))
     logger.info("loaded tokenised windows from %s; %s", target, stats.summary())
     return windows, stats

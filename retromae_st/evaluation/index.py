@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from retromae_st.errors import UserInputError
 from retromae_st.evaluation.encode import ShardedEmbeddings
-from retromae_st.io import ensure_can_write
+from retromae_st.io import ensure_can_write, make_readable, remove_stale_temporaries, temp_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -207,12 +207,14 @@ def save_index(index: faiss.Index, path: str | os.PathLike, *, overwrite: bool =
     path = Path(path)
     ensure_can_write(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=path.parent)
     os.close(fd)
     try:
         faiss.write_index(index, tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        make_readable(tmp)  # mkstemp makes it 0600 whatever the umask
         os.replace(tmp, path)
     except RuntimeError as error:
         with contextlib.suppress(FileNotFoundError):

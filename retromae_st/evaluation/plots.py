@@ -80,26 +80,53 @@ def split_series(history: Sequence[Mapping[str, Any]]) -> tuple[dict[str, list],
     return losses, metrics
 
 
+# Stage-1 diagnostics (retromae_st.pretraining.diagnostics) get a panel each, right of the others: their
+# scales (nats of gain; a cosine) are not the losses', and each has a value that means trouble.
+DIAGNOSTIC_PANELS = {
+    "h_gain": "h_gain (nats; near 0: decoder ignores h)",
+    "embedding_cosine": "embedding_cosine (near 1: collapse)",
+}
+DIAGNOSTIC_Y_LABELS = {"h_gain": "nats", "embedding_cosine": "mean cosine"}
+
+
 def plot_training_logs(logs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike) -> Path:
-    """One row per run: loss components (left) and eval metrics (right) over steps."""
+    """One row per run: loss components (left), eval metrics, then one panel per stage-1 diagnostic
+    (``h_gain``, ``embedding_cosine``) when any run logged it, over steps."""
     rows = len(logs)
-    figure, axes = plt.subplots(rows, 2, figsize=(11, 3.4 * rows), squeeze=False)
-    for row, (label, history) in enumerate(logs.items()):
+    shown = [key for key in DIAGNOSTIC_PANELS if any(key in split_series(h)[0] for h in logs.values())]
+    # Only the panels a run has values for (stage 2 logs no h_gain; a run without a dev set no metrics),
+    # left-aligned; the grid is as wide as the fullest row and the unused cells are removed.
+    panels: list[list[tuple[dict[str, list], str, str]]] = []
+    for history in logs.values():
         losses, metrics = split_series(history)
-        for axis, series, title in (
-            (axes[row][0], losses, "losses"),
-            (axes[row][1], metrics, "eval metrics"),
-        ):
+        diagnostics = [{key: losses.pop(key)} if key in losses else {} for key in shown]
+        row_panels = [
+            (losses, "losses", "loss"),
+            (metrics, "eval metrics", "metric value"),
+            *(
+                (diagnostics[i], DIAGNOSTIC_PANELS[key], DIAGNOSTIC_Y_LABELS.get(key, key))
+                for i, key in enumerate(shown)
+            ),
+        ]
+        panels.append([panel for panel in row_panels if panel[0]] or row_panels[:1])
+    columns = max((len(row) for row in panels), default=1)
+    figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 3.4 * rows), squeeze=False)
+    for row, label in enumerate(logs):
+        for column, (series, title, y_label) in enumerate(panels[row]):
+            axis = axes[row][column]
             for key, points in sorted(series.items()):
                 steps, values = zip(*points)
                 axis.plot(steps, values, marker="." if len(points) < 30 else None, label=key)
             axis.set_title(f"{label}: {title}")
             axis.set_xlabel("step")
+            axis.set_ylabel(y_label)
             if series:
                 axis.legend(fontsize="small")
-            else:
+            else:  # a run that logged nothing at all keeps one panel that says so
                 axis.text(0.5, 0.5, "none logged", ha="center", va="center", transform=axis.transAxes)
             axis.grid(alpha=0.3)
+        for column in range(len(panels[row]), columns):
+            figure.delaxes(axes[row][column])
     figure.tight_layout()
     return _save(figure, path)
 

@@ -30,7 +30,7 @@ from retromae_st.evaluation.plots import (
     plot_training_logs,
     split_series,
 )
-from retromae_st.evaluation.report import write_report
+from retromae_st.evaluation.report import Comparison, compare_results, write_report
 from retromae_st.io import atomic_dir, ensure_can_write
 from retromae_st.models import load_encoder
 
@@ -135,28 +135,58 @@ def evaluate_beir(
     return BeirResult(metrics, recall_curve(data.qrels, run), approximate, {**timings, "qps": qps})
 
 
+def default_labels(names: Sequence[str]) -> list[str]:
+    """Short, distinct report labels for model folders or hub names, in order.
+
+    A model is labelled by its last path component, or its parent's when that is ``final`` (what every
+    stage writes): ``runs/pt/final`` -> ``pt``, ``stage1/final`` -> ``stage1``,
+    ``sentence-transformers/all-MiniLM-L6-v2`` -> ``all-MiniLM-L6-v2``. Labels that clash are extended with
+    more leading components until they differ (``a/pt/final``, ``b/pt/final`` -> ``a/pt``, ``b/pt``); the
+    whole name is the last resort. The same name given twice keeps one label (and is refused later).
+    """
+    parts = []
+    for name in names:
+        components = [part for part in Path(name).parts if part not in (Path(name).anchor, ".")] or [name]
+        if len(components) > 1 and components[-1] == "final":
+            components = components[:-1]
+        parts.append(components)
+    depth = [1] * len(names)
+    while True:
+        labels = ["/".join(components[-d:]) for components, d in zip(parts, depth)]
+        clashing = [i for i, label in enumerate(labels) if labels.count(label) > 1]
+        growable = [i for i in clashing if depth[i] < len(parts[i])]
+        if not growable:
+            break
+        for i in growable:
+            depth[i] += 1
+    # Still clashing at full depth (``pt`` and ``pt/final``): the names as given tell them apart.
+    return [str(names[i]) if labels.count(label) > 1 else label for i, label in enumerate(labels)]
+
+
 def _resolve_models(
     models: Sequence[ModelSpec] | Mapping[str, ModelSpec] | ModelSpec,
 ) -> list[tuple[str, ModelSpec]]:
-    """``(label, model or path)`` pairs; paths are labelled by their folder name."""
+    """``(label, model or path)`` pairs; paths are labelled by :func:`default_labels`."""
     if isinstance(models, (str, os.PathLike, SentenceTransformer)):
         models = [models]
     if isinstance(models, Mapping):
         pairs = [(str(label), spec) for label, spec in models.items()]
     else:
-        pairs = []
-        for number, spec in enumerate(models, start=1):
-            label = (
-                Path(spec).name or str(spec) if isinstance(spec, (str, os.PathLike)) else f"model-{number}"
-            )
-            pairs.append((label, spec))
+        models = list(models)
+        named = [str(spec) for spec in models if isinstance(spec, (str, os.PathLike))]
+        derived = iter(default_labels(named))
+        pairs = [
+            (next(derived) if isinstance(spec, (str, os.PathLike)) else f"model-{number}", spec)
+            for number, spec in enumerate(models, start=1)
+        ]
     if not pairs:
         raise UserInputError("no model to evaluate: pass at least one model folder (--model PATH).")
     labels = [label for label, _ in pairs]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
         raise UserInputError(
-            f"several models are labelled {duplicates}: give them distinct labels (pass a mapping label -> model)."
+            f"several models are labelled {duplicates}: give them distinct labels (--model LABEL=PATH, or pass "
+            "a mapping label -> model)."
         )
     return pairs
 
@@ -215,6 +245,7 @@ def evaluate(
     overwrite: bool = False,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    comparisons: Sequence[Comparison | tuple[str, str, str]] = (),
 ) -> dict[str, Any]:
     """Evaluate models on local BEIR folders (FAISS) and MTEB tasks; write ``report.md``, ``report.json``, plots.
 
@@ -239,6 +270,9 @@ def evaluate(
         config: the pipeline configuration (recorded as it is).
         overwrite: replace an existing ``output_dir``.
         allow_pickle, trust_remote_code: passed to :func:`load_encoder` (both off: safe loading).
+        comparisons: ``(title, model label, reference label)`` triples; for each task both were scored on,
+            the report gets ``model - reference`` for every metric (``report.json`` ``comparisons``) and a
+            line such as ``title: +0.0120 nDCG@10 on task`` in ``report.md``.
 
     Returns:
         The report as a dict (the content of ``report.json``).
@@ -252,6 +286,15 @@ def evaluate(
     if batch_size < 1:
         raise UserInputError(f"batch_size={batch_size} must be at least 1.")
     pairs = _resolve_models(models)
+    comparisons = [Comparison(*c) for c in comparisons]
+    labels = {label for label, _ in pairs}
+    for comparison in comparisons:
+        missing = [label for label in (comparison.model, comparison.reference) if label not in labels]
+        if missing:
+            raise UserInputError(
+                f"comparison {comparison.title!r} names {missing}, which are not among the models "
+                f"{sorted(labels)}: compare two evaluated models."
+            )
     datasets = [load_beir(folder, split) for folder in beir_folders]
     names = [data.name for data in datasets]
     if len(set(names)) != len(names):
@@ -284,6 +327,7 @@ def evaluate(
         "models": [],
         "results": [],
         "approximate": [],
+        "comparisons": [],
         "plots": {},
         "training": {label: _training_summary(history) for label, history in logs.items()},
     }
@@ -345,6 +389,7 @@ def evaluate(
                     report["results"].append(
                         {"model": label, "task": task_name, "evaluator": "MTEB", "metrics": metrics}
                     )
+        report["comparisons"] = compare_results(report["results"], comparisons)
         if curves:
             report["plots"]["recall_curves"] = plot_recall_curves(curves, tmp / "recall_at_k.png").name
         if logs:

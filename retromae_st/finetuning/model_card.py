@@ -52,6 +52,7 @@ def save_final(
     overwrite: bool,
     metric: str | None,
     stage1_info: dict[str, Any] | None,
+    started_from: str | None = None,
 ) -> None:
     state = trainer.state
     if stage1_info is not None:
@@ -70,6 +71,9 @@ def save_final(
         * args.gradient_accumulation_steps
         * args.world_size,
         "stage1": stage1_info,
+        # The model this stage began with (a folder or hub name): tells a stage 2 after RetroMAE from
+        # the same stage 2 run without it, whose folders look alike otherwise.
+        "started_from": started_from,
         "log_history": state.log_history,
     }
     with atomic_dir(final_dir, overwrite=overwrite) as tmp:

@@ -39,7 +39,16 @@ from transformers.trainer_utils import get_last_checkpoint
 from retromae_st.errors import NonFiniteLossError, UserInputError
 from retromae_st.finetuning.model_card import fill_card_data, save_final
 from retromae_st.io import ensure_can_write
-from retromae_st.pretraining.training import launcher_args
+from retromae_st.pretraining.training import (
+    NON_FINITE_CAUSES,
+    TRAINER_STATE,
+    launcher_args,
+    name_last_checkpoint,
+    non_finite_gradient,
+    pin_memory_args,
+    seal_checkpoint,
+    unseal_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +99,29 @@ class _NonFiniteLossGuard(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.step = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        # A finite loss can still back-propagate an infinite gradient, which clipping turns into NaN weights;
+        # under fp16 the grad scaler skips such steps itself.
+        if model is None or getattr(args, "fp16", False):
+            return
+        bad = non_finite_gradient(list(model.parameters()))
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"the gradient became {bad} at step {state.global_step + 1} although the {self.name} loss "
+                "was finite; training stopped before applying it, so the last checkpoint is intact. "
+                f"{NON_FINITE_CAUSES}"
+            )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:  # a folder about to be saved again is not complete until resealed
+            unseal_checkpoint(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        seal_checkpoint(
+            folder, list(model.named_parameters()) if model is not None else [], state.global_step
+        )
 
     def _check(self, module, inputs, output):
         if self.step is None or not torch.is_grad_enabled():
@@ -182,6 +214,7 @@ def finetune(
     train_dataset_name: str | None = None,
     stage1_info: dict[str, Any] | None = None,
     language: str | list[str] | None = None,
+    started_from: str | None = None,
 ) -> SentenceTransformer:
     """Fine-tune ``model`` on (anchor, positive[, negative_1...]) rows and save it to ``output_dir/final``.
 
@@ -193,14 +226,21 @@ def finetune(
       what ends up in ``final`` (``load_best_model_at_end``). ``save_total_limit`` never deletes the best.
     * ``final`` is written atomically: the model (loadable with ``SentenceTransformer(path)``), its model
       card (README.md: datasets, loss, metrics, and stage 1 when ``stage1_info`` is given) and
-      ``training_log.json`` (the trainer's ``log_history`` plus the best checkpoint and metric).
+      ``training_log.json`` (the trainer's ``log_history`` plus the best checkpoint and metric, and
+      ``started_from``: where the starting weights came from, as the caller names them).
     * ``extra_args`` are passed on to ``SentenceTransformerTrainingArguments`` and win over the above.
 
     Returns the fine-tuned model (the best checkpoint's weights when an evaluator is given).
     """
     output_dir = Path(output_dir)
     final_dir, checkpoint_dir = output_dir / "final", output_dir / "checkpoints"
-    _check_training_options(train_pairs, batch_size, save_steps, eval_steps, evaluator, max_steps, epochs)
+    _check_training_options(train_pairs)
+    check_finetune_options(
+        batch_size=batch_size, save_steps=save_steps, eval_steps=eval_steps, has_evaluator=evaluator is not None,
+        max_steps=max_steps, epochs=epochs, logging_steps=logging_steps,
+        gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
+        mini_batch_size=mini_batch_size,
+    )  # fmt: skip
     ensure_can_write(final_dir, overwrite)
     last_checkpoint = _last_checkpoint(checkpoint_dir, resume, overwrite)
     fill_card_data(model, train_pairs, train_dataset_name, stage1_info, language)
@@ -230,8 +270,9 @@ def finetune(
         "dataloader_num_workers": dataloader_num_workers,
         "dataloader_drop_last": dataloader_drop_last,
         "report_to": "none",
-        # Under torchrun / accelerate launch on CPU-only machines the trainer needs use_cpu=True to set up DDP.
-        **launcher_args(),
+        # On CPU-only machines the trainer needs use_cpu=True to set up DDP (torchrun) and to run bf16.
+        **launcher_args(bf16=bf16),
+        **pin_memory_args(),
     }
     if evaluator is not None:
         arguments |= {
@@ -259,22 +300,19 @@ def finetune(
     )
     if last_checkpoint:
         logger.info("Resuming from %s.", last_checkpoint)
-    trainer.train(resume_from_checkpoint=last_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=last_checkpoint)
+    except NonFiniteLossError as error:
+        raise NonFiniteLossError(
+            name_last_checkpoint(str(error), checkpoint_dir, (TRAINER_STATE,))
+        ) from error
     model = trainer.model
     if trainer.is_world_process_zero():  # one writer: every rank holds the same weights
-        save_final(model, trainer, final_dir, overwrite, metric, stage1_info)
+        save_final(model, trainer, final_dir, overwrite, metric, stage1_info, started_from)
     return model
 
 
-def _check_training_options(
-    train_pairs: Dataset,
-    batch_size: int,
-    save_steps: int,
-    eval_steps: int | None,
-    evaluator: BaseEvaluator | None,
-    max_steps: int,
-    epochs: float,
-) -> None:
+def _check_training_options(train_pairs: Dataset) -> None:
     if not isinstance(train_pairs, Dataset) or len(train_pairs) == 0:
         raise UserInputError(
             "train_pairs is empty or not a datasets.Dataset: pass the output of load_pairs()."
@@ -284,13 +322,45 @@ def _check_training_options(
             f"train_pairs has columns {train_pairs.column_names}; expected anchor, positive[, negative_1...] "
             "(MNRL reads the columns by position): pass the output of load_pairs()."
         )
+
+
+def check_finetune_options(
+    *,
+    batch_size: int = 64,
+    save_steps: int = 500,
+    eval_steps: int | None = None,
+    has_evaluator: bool = False,
+    max_steps: int = -1,
+    epochs: float = 1.0,
+    logging_steps: int = 10,
+    gradient_accumulation_steps: int = 1,
+    learning_rate: float = 2e-5,
+    mini_batch_size: int = 32,
+) -> None:
+    """Refuse bad stage-2 options before any work: :func:`finetune` checks them, and the CLI and the
+    pipeline call this before loading the model and the pairs (and mining negatives).
+
+    Raises:
+        UserInputError: naming the option, its value and what it must be.
+    """
     if batch_size < 2:
         raise UserInputError(f"batch_size={batch_size}: in-batch negatives need a batch of at least 2.")
     if save_steps < 1:
         raise UserInputError(f"save_steps={save_steps}: use a positive number of steps.")
+    for name, value in (
+        ("logging_steps", logging_steps),
+        ("gradient_accumulation_steps", gradient_accumulation_steps),
+        ("mini_batch_size", mini_batch_size),
+    ):
+        if value < 1:
+            raise UserInputError(f"{name}={value}: use a whole number >= 1.")
+    if eval_steps is not None and eval_steps < 1:
+        raise UserInputError(f"eval_steps={eval_steps}: use a positive number of steps (or leave it unset).")
+    if not learning_rate > 0:
+        raise UserInputError(f"learning_rate={learning_rate}: use a positive learning rate.")
     if max_steps <= 0 and epochs <= 0:
         raise UserInputError("neither max_steps nor epochs is positive: the run would train nothing.")
-    if evaluator is not None and eval_steps is not None and save_steps % eval_steps != 0:
+    if has_evaluator and eval_steps is not None and save_steps % eval_steps != 0:
         raise UserInputError(
             f"save_steps={save_steps} is not a multiple of eval_steps={eval_steps}: the best checkpoint can only be "
             "kept if a checkpoint is saved at every evaluation that may be best; make save_steps a multiple."

@@ -11,10 +11,14 @@ to the model, and must not be registered (or saved) a second time inside the los
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -167,4 +171,69 @@ def adapt_encoder(model: PreTrainedModel) -> EncoderAdapter:
         layer_norm=layer_norm,
         dropout=_first(embeddings, "dropout", "drop") or nn.Identity(),
         position_offset=offset,
+    )
+
+
+def checkpoint_tensors(
+    name_or_path: str | os.PathLike | None, names: set[str]
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors among ``names`` that a transformers checkpoint's safetensors files hold, and where.
+
+    ``name_or_path`` is what the encoder was loaded from (``auto_model.name_or_path``: a folder, or a hub
+    name looked up in the local cache only, never downloaded). Only the named tensors are read (safetensors
+    reads by name), so this is cheap even for a big model. Single-file and sharded checkpoints both work.
+    An unreadable or absent checkpoint gives ``({}, reason)``: the caller then starts from fresh weights.
+    """
+    if not name_or_path:
+        return {}, "the encoder was not loaded from a checkpoint"
+    files = _safetensors_files(str(name_or_path))
+    if not files:
+        return {}, f"{name_or_path} has no safetensors weights"
+    found: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as reader:
+                for name in names & set(reader.keys()):
+                    found[name] = reader.get_tensor(name)
+        except (OSError, SafetensorError) as error:
+            return {}, f"{file} cannot be read ({error})"
+    return found, str(files[0] if len(files) == 1 else files[0].parent)
+
+
+def _safetensors_files(name_or_path: str) -> list[Path]:
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(name_or_path, "model.safetensors")
+            index = try_to_load_from_cache(name_or_path, "model.safetensors.index.json")
+        except ValueError:  # HFValidationError: no hub name either (e.g. a folder since deleted)
+            return []
+        if isinstance(cached, str):
+            return [Path(cached)]
+        if not isinstance(index, str):
+            return []
+        folder = Path(index).parent
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        except (OSError, ValueError):
+            return []
+        return [folder / name for name in sorted(set(weight_map.values())) if (folder / name).is_file()]
+    return []
+
+
+def looks_untrained(model: nn.Module) -> bool:
+    """Whether an encoder still has its initial weights: every layer norm exactly 1 (weight) and 0 (bias).
+
+    Any training step moves them, so this tells a from-scratch preset (nothing to protect from a fresh head)
+    from a pretrained encoder, without a marker file that could go stale.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm) and m.weight is not None]
+    return bool(norms) and all(
+        bool((m.weight == 1).all()) and (m.bias is None or bool((m.bias == 0).all())) for m in norms
     )

@@ -14,8 +14,10 @@ import torch
 from torch import nn
 from transformers.activations import get_activation
 
-# Rows per chunk: keeps one chunk's logits near 2**25 floats (128 MiB) whatever the vocabulary size.
-_CHUNK_ELEMENTS = 2**25
+# Rows per chunk: keeps one chunk's logits near 2**22 floats (16 MiB) whatever the vocabulary size
+# (137 rows at 30,522 entries). A chunk also needs logsumexp's temporary of the same size; 2**25 (128 MiB)
+# cost 0.07 GiB more peak RSS at BERT-base size (benchmarks/results/memory_base128.md).
+_CHUNK_ELEMENTS = 2**22
 
 
 def default_chunk_rows(vocab_size: int) -> int:
@@ -27,16 +29,36 @@ class MLMHead(nn.Module):
 
     The projection weight is the encoder's input embedding table (tied, passed in at call time so the
     head never owns or saves a copy of it); the head owns the transform and the output bias.
+
+    A fresh head is initialised as BERT initialises one (``initializer_range``: normal weights of that
+    std, zero biases, layer norm 1/0); :func:`pretrained_head_state` finds a checkpoint's own head to
+    start from instead.
     """
 
     def __init__(
-        self, hidden_size: int, vocab_size: int, activation: str = "gelu", eps: float = 1e-12
+        self,
+        hidden_size: int,
+        vocab_size: int,
+        activation: str = "gelu",
+        eps: float = 1e-12,
+        initializer_range: float = 0.02,
     ) -> None:
         super().__init__()
         self.dense = nn.Linear(hidden_size, hidden_size)
         self.activation = get_activation(activation)
         self.layer_norm = nn.LayerNorm(hidden_size, eps=eps)
         self.bias = nn.Parameter(torch.zeros(vocab_size))
+        self.reset_parameters(initializer_range)
+
+    def reset_parameters(self, initializer_range: float = 0.02) -> None:
+        """BERT's initialisation (``BertPreTrainedModel._init_weights``); PyTorch's default for ``dense``
+        (Kaiming uniform) is several times larger than what the encoder's own layers were trained from."""
+        with torch.no_grad():
+            self.dense.weight.normal_(0.0, initializer_range)
+            self.dense.bias.zero_()
+            self.layer_norm.weight.fill_(1.0)
+            self.layer_norm.bias.zero_()
+            self.bias.zero_()
 
     def transform(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., D] -> [..., D]: everything before the vocabulary projection."""
@@ -50,8 +72,13 @@ class MLMHead(nn.Module):
             # No labelled token in this batch: a zero that still connects to the graph (DDP needs
             # every parameter to receive a gradient each step).
             return hidden.sum() * 0.0 + self.bias.sum() * 0.0
+        bias = self.bias
+        if not torch.is_grad_enabled():
+            # Under no_grad (diagnostics, evaluation) the fused function would still form every gradient:
+            # a custom Function sees its inputs' requires_grad, not the grad mode.
+            hidden, embedding_weight, bias = hidden.detach(), embedding_weight.detach(), bias.detach()
         return ChunkedLinearCrossEntropy.apply(
-            self.transform(hidden), embedding_weight, self.bias, labels, chunk_rows
+            self.transform(hidden), embedding_weight, bias, labels, chunk_rows
         )
 
 
@@ -145,3 +172,82 @@ def bag_of_words_loss(
     target.scatter_(1, input_ids, word_tokens.to(target.dtype))  # 1 at every id present (duplicates collapse)
     counts = target.sum(dim=1).clamp(min=1.0)
     return -((log_probs * target).sum(dim=1) / counts).mean()
+
+
+# Where each architecture's masked-LM checkpoint keeps its head, as MLMHead's names -> candidate checkpoint
+# names (the first present wins). The vocab projection is tied to the word embeddings in every one of them,
+# so only its bias is read.
+PRETRAINED_HEADS: dict[str, dict[str, tuple[str, ...]]] = {
+    "bert": {  # BertForMaskedLM / BertForPreTraining
+        "dense.weight": ("cls.predictions.transform.dense.weight",),
+        "dense.bias": ("cls.predictions.transform.dense.bias",),
+        # The original Google checkpoints (bert-base-uncased on the hub) still name these gamma / beta.
+        "layer_norm.weight": (
+            "cls.predictions.transform.LayerNorm.weight",
+            "cls.predictions.transform.LayerNorm.gamma",
+        ),
+        "layer_norm.bias": (
+            "cls.predictions.transform.LayerNorm.bias",
+            "cls.predictions.transform.LayerNorm.beta",
+        ),
+        "bias": ("cls.predictions.bias", "cls.predictions.decoder.bias"),
+    },
+    "roberta": {  # RobertaForMaskedLM, XLMRobertaForMaskedLM, CamembertForMaskedLM
+        "dense.weight": ("lm_head.dense.weight",),
+        "dense.bias": ("lm_head.dense.bias",),
+        "layer_norm.weight": ("lm_head.layer_norm.weight",),
+        "layer_norm.bias": ("lm_head.layer_norm.bias",),
+        "bias": ("lm_head.bias", "lm_head.decoder.bias"),
+    },
+    "distilbert": {  # DistilBertForMaskedLM
+        "dense.weight": ("vocab_transform.weight",),
+        "dense.bias": ("vocab_transform.bias",),
+        "layer_norm.weight": ("vocab_layer_norm.weight",),
+        "layer_norm.bias": ("vocab_layer_norm.bias",),
+        "bias": ("vocab_projector.bias",),
+    },
+    "modernbert": {  # ModernBertForMaskedLM: dense and norm biases exist only with classifier/norm_bias
+        "dense.weight": ("head.dense.weight",),
+        "dense.bias": ("head.dense.bias",),
+        "layer_norm.weight": ("head.norm.weight",),
+        "layer_norm.bias": ("head.norm.bias",),
+        "bias": ("decoder.bias",),
+    },
+    "electra": {  # ElectraForMaskedLM (the generator)
+        "dense.weight": ("generator_predictions.dense.weight",),
+        "dense.bias": ("generator_predictions.dense.bias",),
+        "layer_norm.weight": ("generator_predictions.LayerNorm.weight",),
+        "layer_norm.bias": ("generator_predictions.LayerNorm.bias",),
+        "bias": ("generator_lm_head.bias",),
+    },
+}
+# Parameters a checkpoint may leave out because its head has none (ModernBERT without biases): zero.
+_OPTIONAL = ("dense.bias", "layer_norm.bias")
+
+
+def pretrained_head_names() -> set[str]:
+    """Every checkpoint tensor name :func:`pretrained_head_state` may read."""
+    return {name for mapping in PRETRAINED_HEADS.values() for names in mapping.values() for name in names}
+
+
+def pretrained_head_state(
+    tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], str] | None:
+    """MLMHead's state from a checkpoint's tensors, and which layout it was found in; None without a head.
+
+    ``tensors``: checkpoint name -> tensor (only head names are needed); ``expected``: the head's own
+    ``state_dict()``, whose shapes a found head must match (a different vocabulary or hidden size is no
+    head for this model). The layout needs its dense weight, layer norm weight and output bias.
+    """
+    for layout, mapping in PRETRAINED_HEADS.items():
+        state = {}
+        for ours, candidates in mapping.items():
+            found = next((tensors[name] for name in candidates if name in tensors), None)
+            if found is None and ours in _OPTIONAL:
+                found = torch.zeros_like(expected[ours])
+            if found is None or tuple(found.shape) != tuple(expected[ours].shape):
+                break
+            state[ours] = found
+        else:
+            return state, layout
+    return None

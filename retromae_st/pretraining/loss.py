@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -11,19 +12,33 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 from torch import nn
 
-from retromae_st.errors import NonFiniteLossError
+from retromae_st.errors import NonFiniteLossError, UserInputError
 from retromae_st.pretraining.decoder import RetroMAEDecoder
-from retromae_st.pretraining.encoders import EncoderAdapter, adapt_encoder
+from retromae_st.pretraining.diagnostics import (
+    EMBEDDING_COSINE,
+    H_GAIN,
+    derangement,
+    mean_pairwise_cosine,
+)
+from retromae_st.pretraining.encoders import (
+    EncoderAdapter,
+    adapt_encoder,
+    checkpoint_tensors,
+    looks_untrained,
+)
 from retromae_st.pretraining.heads import (
     ChunkedMaxPooledLogits,
     MLMHead,
     bag_of_words_loss,
     default_chunk_rows,
+    pretrained_head_names,
+    pretrained_head_state,
 )
 from retromae_st.pretraining.masking import (
     VocabTables,
@@ -58,6 +73,8 @@ RETROMAE_CITATION = """
 
 class RetroMAELoss(nn.Module):
     DEFAULT_LENGTH_GROUPS = 4
+    AUTO_HEAD_WARMUP_STEPS = 50
+    AUTO_HEAD_WARMUP_SHARE = 0.1  # of max_steps, at most
 
     def __init__(
         self,
@@ -72,6 +89,12 @@ class RetroMAELoss(nn.Module):
         chunk_rows: int | None = None,
         max_length_groups: int = DEFAULT_LENGTH_GROUPS,
         check_finite: bool = True,
+        head_warmup_steps: int | Literal["auto"] = "auto",
+        decoder_mask_start: float | None = None,
+        decoder_mask_steps: int = 0,
+        mean_mix_start: float = 0.0,
+        mean_mix_steps: int = 0,
+        compile: bool = False,
     ) -> None:
         r"""RetroMAE: the sentence embedding must carry the whole text, because a shallow decoder has to
         rebuild the text from that one vector plus a heavily masked view of it.
@@ -89,6 +112,23 @@ class RetroMAELoss(nn.Module):
         :func:`retromae_st.pretraining.training.pretrain`), which handles the loss's weights too. The model itself
         stays a stock ``Transformer`` + ``Pooling('cls')`` Sentence-Transformer.
 
+        The sentence embedding h that the decoder reads is the model's own ``sentence_embedding``: the output
+        of its *last* module, exactly the vector ``encode`` returns and retrieval compares. After ``Pooling``
+        that includes ``Normalize`` (h is then unit length) and ``Dense`` (which must keep the hidden size),
+        so the decoder trains the retrieval vector itself, not an intermediate one. A model that pools by
+        mean (an existing embedding model such as all-MiniLM-L6-v2) keeps its pooling: the decoder reads the
+        mean-pooled vector and stage 2 fine-tunes that same vector.
+
+        The shared MLM head starts from the starting checkpoint's own masked-LM head when its safetensors
+        file has one (BERT ``cls.predictions``, RoBERTa/XLM-R ``lm_head``, DistilBERT ``vocab_*``, ModernBERT
+        ``head`` + ``decoder``, ELECTRA's generator); otherwise it is initialised as BERT's, and on a
+        pretrained encoder the fresh head and decoder first train alone (``head_warmup_steps``) so that
+        their first, random gradients do not reach the encoder.
+
+        Diagnostics: on steps where :meth:`request_diagnostics` was called (the training callback does it
+        on logging steps), the loss also measures ``h_gain`` and ``embedding_cosine`` without gradients
+        (:mod:`retromae_st.pretraining.diagnostics`) into :attr:`last_diagnostics`; the callback logs them.
+
         Args:
             model: the SentenceTransformer to pretrain: a ``Transformer`` module (BERT, RoBERTa/XLM-R,
                 DistilBERT, ModernBERT, ELECTRA, ...) followed by ``Pooling('cls')``.
@@ -103,12 +143,36 @@ class RetroMAELoss(nn.Module):
             query_stream: ``"layernorm"`` (h + position embedding through the embedding layer norm, as
                 FlagEmbedding) or ``"plain"`` (h + position embedding, as staoxiao/RetroMAE).
             chunk_rows: rows per chunk of the vocabulary-wide cross-entropy; default keeps one chunk's
-                logits near 128 MiB.
+                logits near 16 MiB.
             max_length_groups: run each batch as at most this many sub-batches of rows of similar
                 length, each padded only to its own longest row (:mod:`retromae_st.pretraining.unpadding`). The loss
                 and its gradients are those of the whole batch (every term is per row); only the compute
                 spent on padding goes. 1 runs the batch as it comes.
             check_finite: raise :class:`NonFiniteLossError` naming the component when a loss is NaN/inf.
+            head_warmup_steps: train the MLM head and decoder with the encoder frozen (no gradient into it)
+                for the first N optimizer steps. ``"auto"`` (default): when the head is fresh and the encoder
+                pretrained (not at its initial weights), up to :attr:`AUTO_HEAD_WARMUP_STEPS` steps and 10% of
+                the run's steps, ending at the first step where both the encoder MLM and the decoder losses
+                are below ln(V) (better than uniform guessing); 0 otherwise. 0 turns it off.
+            decoder_mask_start: a decoder-mask curriculum: the decoder mask ratio at step 0, in (0, 1],
+                annealed linearly to ``decoder_mask_ratio`` over ``decoder_mask_steps`` steps by
+                :class:`retromae_st.pretraining.curriculum.MaskRatioCurriculum` (which
+                :func:`retromae_st.pretraining.training.pretrain` adds when this is set). None: no curriculum.
+            decoder_mask_steps: the length of that ramp in optimizer steps.
+            mean_mix_start: a sentence-embedding curriculum for from-scratch encoders: at step 0 the decoder
+                reads ``(1 - a) * h + a * mean(token states)`` with ``a = mean_mix_start`` in [0, 1], and ``a``
+                falls linearly to 0 over ``mean_mix_steps`` steps (then h alone, as the paper). A random
+                encoder's [CLS] barely differs between texts, so the decoder learns to ignore it; the mean of
+                the token states differs from the start, so the decoder learns to read its input, and the
+                encoder has to put the text into h as the mean fades (measured: benchmarks/results/
+                cls_schedule.md; it helps stage 1, not yet stage 2 at CPU budgets). 0 (default): off.
+            mean_mix_steps: the length of that ramp in optimizer steps.
+            compile: run the encoder call and the decoder through ``torch.compile`` (default backend;
+                shapes become dynamic after the first new one). The masking, the length groups, the
+                selection of labelled positions and the chunked vocabulary cross-entropy stay eager: they
+                are cheap, data-dependent, and keep the same random draws as an eager run. The first steps
+                pay the compile time. A model the trainer already compiled (``torch_compile=True``) is not
+                compiled again. Off by default.
 
         References:
             - RetroMAE: Pre-Training Retrieval-oriented Language Models Via Masked Auto-Encoder,
@@ -117,8 +181,10 @@ class RetroMAELoss(nn.Module):
             - Reference code: https://github.com/staoxiao/RetroMAE and FlagOpen/FlagEmbedding
 
         Requirements:
-            1. A tokenizer with a mask token; texts tokenised with special tokens ([CLS] ... [SEP]).
-            2. CLS pooling (the decoder reads position 0); stage 2 fine-tunes the same vector.
+            1. A tokenizer with a mask token that pads on the right; texts tokenised with special tokens
+               ([CLS] ... [SEP]).
+            2. A sentence embedding of the hidden size; CLS pooling follows the paper, any pooling works
+               (the decoder reads the model's sentence embedding; stage 2 fine-tunes the same vector).
             3. Unlabelled text; fine-tune afterwards (e.g. ``MultipleNegativesRankingLoss``): the pretrained
                encoder alone is not yet a good similarity model.
 
@@ -151,26 +217,24 @@ class RetroMAELoss(nn.Module):
                 model.save_pretrained("retromae-small-pretrained")  # a plain SentenceTransformer
         """
         super().__init__()
-        _check_ratio("encoder_mask_ratio", encoder_mask_ratio)
-        _check_ratio("decoder_mask_ratio", decoder_mask_ratio)
-        if decoding not in ("enhanced", "basic"):
-            raise ValueError(f"decoding={decoding!r} is not one of 'enhanced', 'basic'.")
-        if query_stream not in ("layernorm", "plain"):
-            raise ValueError(f"query_stream={query_stream!r} is not one of 'layernorm', 'plain'.")
-        if isinstance(decoder_layers, bool) or not isinstance(decoder_layers, int) or decoder_layers < 1:
-            raise ValueError(f"decoder_layers={decoder_layers!r} must be an integer >= 1.")
-        if not isinstance(bow_weight, (int, float)) or not math.isfinite(bow_weight) or bow_weight < 0:
-            raise ValueError(f"bow_weight={bow_weight!r} must be a finite number >= 0 (0 turns DupMAE off).")
-        if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
-            raise ValueError(f"chunk_rows={chunk_rows!r} must be an integer >= 1.")
-        if (
-            isinstance(max_length_groups, bool)
-            or not isinstance(max_length_groups, int)
-            or max_length_groups < 1
-        ):
-            raise ValueError(
-                f"max_length_groups={max_length_groups!r} must be an integer >= 1 (1: no split)."
-            )
+        check_loss_options(
+            encoder_mask_ratio=encoder_mask_ratio,
+            decoder_mask_ratio=decoder_mask_ratio,
+            decoding=decoding,
+            decoder_layers=decoder_layers,
+            decoder_heads=decoder_heads,
+            bow_weight=bow_weight,
+            query_stream=query_stream,
+            chunk_rows=chunk_rows,
+            max_length_groups=max_length_groups,
+            head_warmup_steps=head_warmup_steps,
+            decoder_mask_start=decoder_mask_start,
+            decoder_mask_steps=decoder_mask_steps,
+            mean_mix_start=mean_mix_start,
+            mean_mix_steps=mean_mix_steps,
+            compile=compile,
+        )
+        _check_padding_side(model.tokenizer)
 
         self.model = model
         self.encoder_mask_ratio = float(encoder_mask_ratio)
@@ -180,8 +244,16 @@ class RetroMAELoss(nn.Module):
         self.query_stream_form = query_stream
         self.max_length_groups = max_length_groups
         self.check_finite = check_finite
+        self.compile = bool(compile)
+        # torch.compile'd callables, kept in a plain dict so that they are not registered as submodules
+        # (their parameters would be listed twice): name -> (the callable compiled, its compiled form).
+        self._compiled: dict[str, tuple[Any, Any]] = {}
         self.current_step: int | None = None  # set by the training callback, for error messages
         self.callback_attached = False
+        # Diagnostics: requested per step by the callback (logging steps), read back by it in on_log.
+        self.diagnostics_due = False
+        self.last_diagnostics: dict[str, float] | None = None
+        self._frozen_now = False  # whether the running forward is a head warm-up step
 
         transformer = _transformer_module(model)
         adapter = adapt_encoder(transformer.auto_model)
@@ -195,7 +267,7 @@ class RetroMAELoss(nn.Module):
         self.decoder_heads = heads
         self.decoder_layers = decoder_layers
         self.chunk_rows = chunk_rows or default_chunk_rows(adapter.vocab_size)
-        _warn_if_not_cls(model)
+        _describe_sentence_embedding(model, adapter.hidden_size)
 
         tables = build_vocab_tables(model.tokenizer, adapter.vocab_size)
         self.convention = tables.convention
@@ -206,8 +278,23 @@ class RetroMAELoss(nn.Module):
         self.register_buffer("replacement_ids", tables.replacement_ids, persistent=False)
 
         self.head = MLMHead(
-            adapter.hidden_size, adapter.vocab_size, adapter.hidden_act, adapter.layer_norm_eps
+            adapter.hidden_size,
+            adapter.vocab_size,
+            adapter.hidden_act,
+            adapter.layer_norm_eps,
+            initializer_range=float(getattr(config, "initializer_range", 0.02)),
         )
+        self.head_source = self._load_pretrained_head(transformer)
+        self.head_warmup_steps = head_warmup_steps
+        self.decoder_mask_start = None if decoder_mask_start is None else float(decoder_mask_start)
+        self.decoder_mask_steps = decoder_mask_steps
+        self.mean_mix_start = float(mean_mix_start)
+        self.mean_mix_steps = mean_mix_steps
+        self.mean_mix = self.mean_mix_start  # this step's weight; set per step by MaskRatioCurriculum
+        self.head_warmup_limit = self._head_warmup_limit(head_warmup_steps, transformer.auto_model)
+        # The optimizer step at which the warm-up ended early ("auto"); kept in checkpoints for resume.
+        self.head_warmup_ended: int | None = None
+        self._training_forwards = 0  # step count when no callback sets current_step
         own_positions = None
         if adapter.position_embeddings is None:
             own_positions = adapter.max_positions or model.max_seq_length or 512
@@ -241,6 +328,17 @@ class RetroMAELoss(nn.Module):
                 "checkpointed, clipped or synchronised across processes. Pass "
                 "callbacks=[RetroMAETrainingCallback(loss)] to the trainer, or use retromae_st.pretrain()."
             )
+        # An attribute read (the tokenizer may change after init); the model may be inside a DDP wrapper.
+        _check_padding_side(getattr(_unwrap(self.model), "tokenizer", None))
+        training_step = self.training and torch.is_grad_enabled()
+        if training_step:
+            self._training_forwards += 1
+        frozen = training_step and self.encoder_frozen()
+        # Frozen: no graph through the encoder at all (cheaper, and DDP then expects no gradients from it).
+        encoder_grad = contextlib.nullcontext() if not frozen else torch.no_grad()
+        self._frozen_now = frozen
+        diagnose = self.diagnostics_due and input_ids.shape[0] >= 2
+        seen: list[tuple[Any, dict[str, torch.Tensor], torch.Tensor]] = []  # (group, features, h)
         tables = self.vocab_tables()
         words = word_ids(input_ids, attention_mask, tables)  # [B, L]
 
@@ -264,8 +362,17 @@ class RetroMAELoss(nn.Module):
             part = select_rows(features, group, batch, width)
 
             # Encoder: masked input -> token states [b, l, D] and the sentence embedding h [b, D].
-            output = self.model({**part, "input_ids": encoder_ids[rows, :length]})
+            with encoder_grad:
+                output = self._maybe_compiled("encoder", self.model)(
+                    {**part, "input_ids": encoder_ids[rows, :length]}
+                )
             token_states, sentence_embedding = output["token_embeddings"], output["sentence_embedding"]
+            if self.mean_mix > 0:  # the curriculum's blend: what the decoder (and the diagnostics) read
+                mask = part["attention_mask"].unsqueeze(-1).to(token_states.dtype)  # [b, l, 1]
+                mean = (token_states * mask).sum(1) / mask.sum(1).clamp(min=1)  # [b, D]
+                sentence_embedding = (1 - self.mean_mix) * sentence_embedding + self.mean_mix * mean
+            if diagnose:
+                seen.append((group, part, sentence_embedding))
             encoder_parts.append(labelled_positions(token_states, encoder_labels[rows, :length]))
 
             # Decoder: h and the unmasked text (enhanced) or a masked copy (basic) -> states [b, l, D].
@@ -291,7 +398,126 @@ class RetroMAELoss(nn.Module):
             losses["bow"] = self.bow_weight * bow_sum / batch
         if self.check_finite:
             self._check_finite(losses)
+        if frozen and self.head_warmup_steps == "auto":
+            self._maybe_end_head_warmup(losses)
+        if diagnose:
+            self.diagnostics_due = False
+            target = visible if visible is not None else decoder_ids
+            self.last_diagnostics = self._diagnostics(adapter, seen, target, targets, losses["decoder"])
         return losses
+
+    # -- diagnostics and the head warm-up ---------------------------------------------------------------
+
+    def request_diagnostics(self) -> None:
+        """Measure ``h_gain`` and ``embedding_cosine`` in the next forward (into :attr:`last_diagnostics`)."""
+        self.diagnostics_due = True
+
+    @torch.no_grad()
+    def _diagnostics(
+        self,
+        adapter: EncoderAdapter,
+        seen: list[tuple[Any, dict[str, torch.Tensor], torch.Tensor]],
+        decoder_input: torch.Tensor,
+        targets: torch.Tensor,
+        decoder_loss: torch.Tensor,
+    ) -> dict[str, float]:
+        """The decoder loss again, each row reading another row's h (same masks, same targets), minus the
+        true one; and the mean pairwise cosine of h. ``decoder_input``: the visibility [B, L, L] (enhanced)
+        or the masked ids [B, L] (basic)."""
+        first = seen[0][2]
+        batch = targets.shape[0]
+        h = torch.empty(batch, first.shape[-1], dtype=first.dtype, device=first.device)  # [B, D]
+        for group, _, sentence_embedding in seen:
+            h[group.rows] = sentence_embedding.detach()
+        swapped = h[derangement(batch, h.device)]  # row i reads row i+1's h
+        parts = []
+        # The decoder's dropout draws from the RNG: fork it, so that measuring changes nothing in training
+        # (the same run logged every 5 or every 50 steps draws the same masks).
+        devices = [h.device.index or 0] if h.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            for group, part, _ in seen:
+                rows, length = group.rows, group.length
+                if self.decoding == "enhanced":
+                    visible = decoder_input[rows, :length, :length]
+                    states = self._enhanced(adapter, part, swapped[rows], visible)
+                else:
+                    states = self._basic(adapter, part, swapped[rows], decoder_input[rows, :length])
+                parts.append(labelled_positions(states, targets[rows, :length]))
+        shuffled = self._mlm_loss(parts, adapter.word_embeddings.weight)
+        return {
+            H_GAIN: round(float(shuffled - decoder_loss.detach()), 4),  # 4 digits, as the trainer's own logs
+            EMBEDDING_COSINE: round(float(mean_pairwise_cosine(h)), 4),
+        }
+
+    def _head_warmup_limit(self, option: int | str, encoder: nn.Module) -> int:
+        """How many first steps may keep the encoder frozen (``"auto"``: see the class docstring)."""
+        if option != "auto":
+            return int(option)
+        if self.head_source is not None:
+            return 0
+        if looks_untrained(encoder):
+            # A from-scratch encoder has nothing a fresh head could spoil: train everything from step 1.
+            return 0
+        logger.info(
+            "RetroMAE: the MLM head is fresh and the encoder pretrained, so the head and decoder train alone "
+            "(encoder frozen) for up to %d steps (10%% of the run at most), until both losses fall below "
+            "ln(V) = %.2f "
+            "(head_warmup_steps='auto'; set a number, or 0 to turn it off).",
+            self.AUTO_HEAD_WARMUP_STEPS,
+            math.log(self.head.bias.numel()),
+        )
+        return self.AUTO_HEAD_WARMUP_STEPS
+
+    def fit_head_warmup(self, max_steps: int) -> None:
+        """``"auto"``: keep the warm-up within :attr:`AUTO_HEAD_WARMUP_SHARE` of a run of ``max_steps`` steps
+        (the training callback calls this), so that a short run still trains its encoder."""
+        if self.head_warmup_steps == "auto" and max_steps > 0 and self.head_warmup_limit > 0:
+            self.head_warmup_limit = min(
+                self.AUTO_HEAD_WARMUP_STEPS, max(1, math.ceil(self.AUTO_HEAD_WARMUP_SHARE * max_steps))
+            )
+
+    def encoder_frozen(self, step: int | None = None) -> bool:
+        """Whether optimizer step ``step`` (1-based; default: the current one) is in the head warm-up."""
+        if step is None:
+            step = self.current_step if self.current_step is not None else self._training_forwards
+        if self.head_warmup_ended is not None and step > self.head_warmup_ended:
+            return False
+        return 1 <= step <= self.head_warmup_limit
+
+    def _maybe_end_head_warmup(self, losses: dict[str, torch.Tensor]) -> None:
+        """``"auto"``: end the warm-up once the head beats uniform guessing on both objectives."""
+        uniform = math.log(self.head.bias.numel())
+        encoder_mlm, decoder = float(losses["encoder_mlm"].detach()), float(losses["decoder"].detach())
+        if encoder_mlm < uniform and decoder < uniform:
+            step = self.current_step if self.current_step is not None else self._training_forwards
+            self.head_warmup_ended = step
+            logger.info(
+                "RetroMAE: head warm-up done at step %d (encoder MLM %.2f, decoder %.2f < ln(V) = %.2f); "
+                "the encoder trains from the next step.",
+                step,
+                encoder_mlm,
+                decoder,
+                uniform,
+            )
+
+    def _load_pretrained_head(self, transformer: Transformer) -> str | None:
+        """Start the shared MLM head from the checkpoint's own; returns where it came from, or None."""
+        source = getattr(transformer.auto_model, "name_or_path", None)
+        tensors, where = checkpoint_tensors(source, pretrained_head_names())
+        found = pretrained_head_state(tensors, self.head.state_dict()) if tensors else None
+        if found is None:
+            if tensors:
+                reason = f"the head in {where} does not fit this model's vocabulary or hidden size"
+            else:
+                reason = f"{where} holds no masked-LM head" if Path(where).exists() else where
+            logger.info("RetroMAE: the shared MLM head starts fresh (BERT initialisation): %s.", reason)
+            return None
+        state, layout = found
+        with torch.no_grad():
+            for name, tensor in self.head.state_dict().items():
+                tensor.copy_(state[name])
+        logger.info("RetroMAE: the shared MLM head starts from the %s-style head in %s.", layout, where)
+        return where
 
     def _mlm_loss(
         self, parts: list[tuple[torch.Tensor, torch.Tensor]], embedding_weight: torch.Tensor
@@ -319,7 +545,7 @@ class RetroMAELoss(nn.Module):
             query = adapter.query_stream(sentence_embedding, length, self.decoder.position_embeddings)
         else:
             query = adapter.plain_query_stream(sentence_embedding, length, self.decoder.position_embeddings)
-        return self.decoder.enhanced(query, content, visible)
+        return self._maybe_compiled("enhanced", self.decoder.enhanced)(query, content, visible)
 
     def _basic(
         self,
@@ -330,7 +556,7 @@ class RetroMAELoss(nn.Module):
     ) -> torch.Tensor:
         """Basic decoding: self-attention over h and a masked copy of the text; states [B, L, D]."""
         hidden = self._embed(adapter, masked_ids, features.get("token_type_ids"), sentence_embedding)
-        return self.decoder.basic(hidden, features["attention_mask"])
+        return self._maybe_compiled("basic", self.decoder.basic)(hidden, features["attention_mask"])
 
     def _embed(
         self,
@@ -340,7 +566,8 @@ class RetroMAELoss(nn.Module):
         sentence_embedding: torch.Tensor,
     ) -> torch.Tensor:
         """The content stream: the encoder's embedding module on ``input_ids``, h in position 0."""
-        content = adapter.content_stream(input_ids, token_type_ids)  # [B, L, D]
+        with torch.no_grad() if self._frozen_now else contextlib.nullcontext():
+            content = adapter.content_stream(input_ids, token_type_ids)  # [B, L, D]
         if self.decoder.position_embeddings is not None:  # rotary encoders: add the decoder's positions
             content = content + self.decoder.position_embeddings.weight[: input_ids.shape[1]]
         return torch.cat([sentence_embedding.unsqueeze(1).to(content.dtype), content[:, 1:]], dim=1)
@@ -379,6 +606,16 @@ class RetroMAELoss(nn.Module):
 
     # -- helpers ----------------------------------------------------------------------------------------
 
+    def _maybe_compiled(self, name: str, function: Any) -> Any:
+        """``function`` itself, or (``compile=True``) its ``torch.compile`` form, built once per callable
+        (a model the trainer replaced or wrapped is compiled anew; one it compiled is used as it is)."""
+        if not self.compile or hasattr(function, "_orig_mod"):
+            return function
+        cached = self._compiled.get(name)
+        if cached is None or cached[0] != function:  # bound methods compare by function and instance
+            cached = self._compiled[name] = (function, torch.compile(function))
+        return cached[1]
+
     def encoder(self) -> EncoderAdapter:
         """The encoder's embedding pieces, found through any DDP / compile wrapper around the model."""
         return adapt_encoder(_transformer_module(_unwrap(self.model)).auto_model)
@@ -405,7 +642,10 @@ class RetroMAELoss(nn.Module):
         path = folder / LOSS_WEIGHTS_NAME
         tmp = folder / f".{LOSS_WEIGHTS_NAME}.tmp-{os.getpid()}"
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.own_state_dict().items()}
-        save_file(state, str(tmp), metadata={"config": json.dumps(self.get_config_dict())})
+        metadata = {"config": json.dumps(self.get_config_dict())}
+        if self.head_warmup_ended is not None:  # so that a resumed run does not freeze the encoder again
+            metadata["head_warmup_ended"] = str(self.head_warmup_ended)
+        save_file(state, str(tmp), metadata=metadata)
         os.replace(tmp, path)
         return path
 
@@ -429,6 +669,9 @@ class RetroMAELoss(nn.Module):
         with torch.no_grad():
             for name, tensor in expected.items():
                 tensor.copy_(state[name])
+        with safe_open(str(path), framework="pt") as reader:
+            ended = (reader.metadata() or {}).get("head_warmup_ended")
+        self.head_warmup_ended = int(ended) if ended is not None else None
 
     def get_config_dict(self) -> dict[str, Any]:
         return {
@@ -440,6 +683,12 @@ class RetroMAELoss(nn.Module):
             "bow_weight": self.bow_weight,
             "query_stream": self.query_stream_form,
             "max_length_groups": self.max_length_groups,
+            "head_warmup_steps": self.head_warmup_steps,
+            "decoder_mask_start": self.decoder_mask_start,
+            "decoder_mask_steps": self.decoder_mask_steps,
+            "mean_mix_start": self.mean_mix_start,
+            "mean_mix_steps": self.mean_mix_steps,
+            "compile": self.compile,
         }
 
     @property
@@ -447,9 +696,100 @@ class RetroMAELoss(nn.Module):
         return RETROMAE_CITATION
 
 
+def check_loss_options(
+    *,
+    encoder_mask_ratio: float = 0.3,
+    decoder_mask_ratio: float = 0.5,
+    decoding: str = "enhanced",
+    decoder_layers: int = 1,
+    decoder_heads: int | None = None,
+    bow_weight: float = 0.0,
+    query_stream: str = "layernorm",
+    chunk_rows: int | None = None,
+    max_length_groups: int = RetroMAELoss.DEFAULT_LENGTH_GROUPS,
+    check_finite: bool = True,
+    head_warmup_steps: int | str = "auto",
+    decoder_mask_start: float | None = None,
+    decoder_mask_steps: int = 0,
+    mean_mix_start: float = 0.0,
+    mean_mix_steps: int = 0,
+    compile: bool = False,
+    hidden_size: int | None = None,
+) -> None:
+    """Check :class:`RetroMAELoss`'s options without a model, so callers can refuse bad ones before
+    reading and tokenising a corpus (the loss runs the same checks). ``hidden_size``, when known, also
+    checks that ``decoder_heads`` divides it.
+
+    Raises:
+        UserInputError: naming the option, its value and what it must be.
+    """
+    _check_ratio("encoder_mask_ratio", encoder_mask_ratio)
+    _check_ratio("decoder_mask_ratio", decoder_mask_ratio)
+    if decoding not in ("enhanced", "basic"):
+        raise UserInputError(f"decoding={decoding!r} is not one of 'enhanced', 'basic'.")
+    if query_stream not in ("layernorm", "plain"):
+        raise UserInputError(f"query_stream={query_stream!r} is not one of 'layernorm', 'plain'.")
+    if not _positive_int(decoder_layers):
+        raise UserInputError(f"decoder_layers={decoder_layers!r} must be an integer >= 1.")
+    if decoder_heads is not None and (
+        not _positive_int(decoder_heads) or (hidden_size is not None and hidden_size % decoder_heads)
+    ):
+        size = f" {hidden_size}" if hidden_size is not None else ""
+        raise UserInputError(
+            f"decoder_heads={decoder_heads!r} must be a positive integer dividing the hidden size{size}."
+        )
+    if (
+        isinstance(bow_weight, bool)
+        or not isinstance(bow_weight, (int, float))
+        or not math.isfinite(bow_weight)
+        or bow_weight < 0
+    ):
+        raise UserInputError(f"bow_weight={bow_weight!r} must be a finite number >= 0 (0 turns DupMAE off).")
+    if chunk_rows is not None and not _positive_int(chunk_rows):
+        raise UserInputError(f"chunk_rows={chunk_rows!r} must be an integer >= 1.")
+    if not _positive_int(max_length_groups):
+        raise UserInputError(
+            f"max_length_groups={max_length_groups!r} must be an integer >= 1 (1: no split)."
+        )
+    if head_warmup_steps != "auto" and (
+        isinstance(head_warmup_steps, bool) or not isinstance(head_warmup_steps, int) or head_warmup_steps < 0
+    ):
+        raise UserInputError(
+            f"head_warmup_steps={head_warmup_steps!r} must be 'auto' or an integer >= 0 (0: no warm-up)."
+        )
+    if decoder_mask_start is not None and (
+        isinstance(decoder_mask_start, bool)
+        or not isinstance(decoder_mask_start, (int, float))
+        or not 0.0 < decoder_mask_start <= 1.0
+    ):
+        raise UserInputError(
+            f"decoder_mask_start={decoder_mask_start!r} must be a number in (0, 1] (1: the decoder sees only h)."
+        )
+    if (
+        isinstance(decoder_mask_steps, bool)
+        or not isinstance(decoder_mask_steps, int)
+        or decoder_mask_steps < 0
+    ):
+        raise UserInputError(f"decoder_mask_steps={decoder_mask_steps!r} must be an integer >= 0.")
+    if (
+        isinstance(mean_mix_start, bool)
+        or not isinstance(mean_mix_start, (int, float))
+        or not 0.0 <= mean_mix_start <= 1.0
+    ):
+        raise UserInputError(f"mean_mix_start={mean_mix_start!r} must be a number in [0, 1] (0: off).")
+    if isinstance(mean_mix_steps, bool) or not isinstance(mean_mix_steps, int) or mean_mix_steps < 0:
+        raise UserInputError(f"mean_mix_steps={mean_mix_steps!r} must be an integer >= 0.")
+    if not isinstance(compile, bool):
+        raise UserInputError(f"compile={compile!r} must be true or false.")
+
+
+def _positive_int(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
+
 def _check_ratio(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        raise ValueError(f"{name}={value!r} must be a number strictly between 0 and 1.")
+        raise UserInputError(f"{name}={value!r} must be a number strictly between 0 and 1.")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -473,11 +813,37 @@ def _transformer_module(model: nn.Module) -> Transformer:
     return first
 
 
-def _warn_if_not_cls(model: SentenceTransformer) -> None:
-    pooling = next((module for module in model if isinstance(module, Pooling)), None)
-    if pooling is not None and pooling.pooling_mode != "cls":
-        logger.warning(
-            "RetroMAE trains the [CLS] vector, but this model pools with %r: the decoder will read that "
-            "pooled vector instead. Build the model with pooling='cls' to follow the paper.",
-            pooling.pooling_mode,
+def _check_padding_side(tokenizer: Any) -> None:
+    """The masking and the decoder's targets find the first and last real token by position: right padding."""
+    side = getattr(tokenizer, "padding_side", "right")
+    if side != "right":
+        raise UserInputError(
+            f"RetroMAELoss needs right padding, but the tokenizer pads on the {side} "
+            f'(tokenizer.padding_side={side!r}): set model.tokenizer.padding_side = "right" before '
+            "building the loss."
+        )
+
+
+def _describe_sentence_embedding(model: SentenceTransformer, hidden_size: int) -> None:
+    """Say (INFO) which vector the decoder reads as h; refuse one the decoder cannot take (another size)."""
+    modules = list(model)
+    pooling_at = next((i for i, module in enumerate(modules) if isinstance(module, Pooling)), None)
+    dimension = model.get_embedding_dimension()
+    if dimension is not None and dimension != hidden_size:
+        raise UserInputError(
+            f"RetroMAE's decoder reads the sentence embedding in place of a token embedding, so it must have "
+            f"the hidden size {hidden_size}; this model's is {dimension} (a Dense module after Pooling?). "
+            "Pretrain the model without the modules that change the size, and add them for stage 2."
+        )
+    if pooling_at is None:
+        return
+    mode = modules[pooling_at].pooling_mode
+    mode = mode if isinstance(mode, str) else "+".join(mode)
+    after = [type(module).__name__ for module in modules[pooling_at + 1 :]]
+    if mode != "cls" or after:
+        logger.info(
+            "RetroMAE: the decoder reads this model's sentence embedding as h: %s pooling%s, the vector that "
+            "encode() returns and stage 2 fine-tunes (the paper reads the [CLS] vector; its pooling is kept).",
+            mode,
+            f" then {', '.join(after)}" if after else "",
         )

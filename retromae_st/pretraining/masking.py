@@ -99,6 +99,21 @@ def build_vocab_tables(tokenizer: PreTrainedTokenizerBase, vocab_size: int | Non
     return VocabTables(continues_word, special, replacement_ids, tokenizer.mask_token_id, convention)
 
 
+def _rand(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """Uniform [0, 1) floats. ``generator`` is passed only when given: ``torch.compile`` cannot trace
+    ``generator=None`` as a keyword (it fails making the fake tensor), but traces the plain call."""
+    if generator is None:
+        return torch.rand(shape, device=device)
+    return torch.rand(shape, device=device, generator=generator)
+
+
+def _randint(high: int, shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None):
+    """Uniform integers in [0, high); ``generator`` only when given, as :func:`_rand`."""
+    if generator is None:
+        return torch.randint(high, shape, device=device)
+    return torch.randint(high, shape, device=device, generator=generator)
+
+
 def word_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, tables: VocabTables) -> torch.Tensor:
     """Number the words of every row: [B, L] long, word index 0..W-1, -1 at specials and padding.
 
@@ -131,7 +146,7 @@ def sample_whole_words(
     lengths = _word_lengths(words)  # [B, W=L]
     exists = lengths > 0
     target = ratio * exists.long().mul(lengths).sum(dim=1, keepdim=True)  # [B, 1] tokens to choose
-    keys = torch.rand(words.shape, device=words.device, generator=generator).masked_fill(~exists, 2.0)
+    keys = _rand(words.shape, words.device, generator).masked_fill(~exists, 2.0)
     order = keys.argsort(dim=1)  # random word order, missing words last
     sorted_lengths = lengths.gather(1, order)
     middle = sorted_lengths.cumsum(dim=1) - sorted_lengths / 2
@@ -158,12 +173,10 @@ def encoder_mask(
     """
     chosen = sample_whole_words(words, ratio, generator)
     labels = input_ids.masked_fill(~chosen, IGNORE_INDEX)
-    draw = torch.rand(input_ids.shape, device=input_ids.device, generator=generator)
+    draw = _rand(input_ids.shape, input_ids.device, generator)
     to_mask = chosen & (draw < 0.8)
     to_random = chosen & (draw >= 0.8) & (draw < 0.9)
-    pick = torch.randint(
-        len(tables.replacement_ids), input_ids.shape, device=input_ids.device, generator=generator
-    )
+    pick = _randint(len(tables.replacement_ids), input_ids.shape, input_ids.device, generator)
     masked_ids = input_ids.masked_fill(to_mask, tables.mask_token_id)
     masked_ids = torch.where(to_random, tables.replacement_ids[pick], masked_ids)
     return masked_ids, labels
@@ -180,7 +193,7 @@ def decoder_visibility(
     """
     batch, length = words.shape
     # [B, L(query), W] one independent draw per (row, word); words index the last dim via gather.
-    hidden_word = torch.rand((batch, length, length), device=words.device, generator=generator) < ratio
+    hidden_word = _rand((batch, length, length), words.device, generator) < ratio
     key_words = words.clamp(min=0).unsqueeze(1).expand(batch, length, length)  # [B, L, L]
     hidden = hidden_word.gather(2, key_words) & (words >= 0).unsqueeze(1)  # only words can be hidden
     visible = ~hidden & attention_mask.bool().unsqueeze(1)  # never attend to padding

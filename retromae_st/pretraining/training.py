@@ -6,7 +6,10 @@ The stock ``SentenceTransformerTrainer`` checkpoints, clips and (under DDP) aver
 
 - it writes them as safetensors beside every trainer checkpoint, and restores them on resume;
 - it averages their gradients across processes before each optimizer step (so all ranks stay equal);
-- it clips model and loss gradients together, by their joint norm, as one model would be clipped.
+- it clips model and loss gradients together, by their joint norm, as one model would be clipped;
+- on logging steps it has the loss measure ``h_gain`` and ``embedding_cosine``
+  (:mod:`retromae_st.pretraining.diagnostics`) and adds them to the log, warning once when h_gain stays
+  near 0; during the loss's head warm-up it keeps every gradient off the encoder.
 
 :func:`pretrain` wires all of it (collator, length-grouped batches, callback, resume, atomic final
 save) into one call; it is what the CLI and recipes use.
@@ -14,8 +17,10 @@ save) into one call; it is what the CLI and recipes use.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -29,9 +34,18 @@ from datasets import Dataset
 from sentence_transformers import SentenceTransformer
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from retromae_st.errors import UserInputError
-from retromae_st.io import atomic_dir, atomic_write_json
-from retromae_st.pretraining.loss import LOSS_WEIGHTS_NAME, RetroMAELoss
+from retromae_st.errors import NonFiniteLossError, UserInputError
+from retromae_st.io import atomic_dir, atomic_write_json, make_readable
+from retromae_st.models import pooling_mode
+from retromae_st.pretraining.curriculum import MaskRatioCurriculum
+from retromae_st.pretraining.diagnostics import (
+    EMBEDDING_COSINE,
+    H_GAIN,
+    h_gain_stalled,
+    is_logging_step,
+    stalled_message,
+)
+from retromae_st.pretraining.loss import LOSS_WEIGHTS_NAME, RetroMAELoss, check_loss_options
 
 logger = logging.getLogger(__name__)
 
@@ -40,21 +54,111 @@ CHECKPOINTS = "checkpoints"
 FINAL = "final"
 DECODER = "decoder"
 TRAINING_LOG = "training_log.json"
+# Written last into a checkpoint, once its weights are known to be finite: the completeness mark. The trainer
+# writes trainer_state.json in place (a crash can leave half of it), so it cannot be the mark itself.
+CHECKPOINT_MARK = "retromae_st_checkpoint.json"
 
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def launcher_args() -> dict[str, Any]:
-    """Training arguments that make ``torchrun`` / ``accelerate launch`` work on CPU-only machines.
+def launcher_args(bf16: bool = False) -> dict[str, Any]:
+    """Training arguments that make ``torchrun`` / ``accelerate launch`` and ``bf16`` work on CPU-only machines.
 
     Without ``use_cpu=True`` the transformers trainer does not set up DDP on a machine without an
-    accelerator, and each process would silently train its own model. Single-process runs keep the
-    trainer's own device choice (CUDA or MPS).
+    accelerator, and each process would silently train its own model; and it refuses ``bf16=True``
+    outright (CPU autocast runs it: see :func:`retromae_st.precision.bf16_args`, which also warns when the
+    CPU lacks native bf16). Single-process runs otherwise keep the trainer's own device choice (CUDA or MPS).
     """
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return {"use_cpu": True} if launched and not torch.cuda.is_available() else {}
+    from retromae_st.precision import bf16_args
+
+    args = bf16_args(bf16)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        args["use_cpu"] = True
+    return args
+
+
+def pin_memory_args() -> dict[str, Any]:
+    """``dataloader_pin_memory=False`` on a machine without an accelerator: pinned memory only speeds up
+    copies to a device, and torch warns once per data loader that it is unused."""
+    return {} if torch.accelerator.is_available() else {"dataloader_pin_memory": False}
+
+
+# -- finite weights and sealed checkpoints ----------------------------------------------------------------
+
+NON_FINITE_CAUSES = (
+    "Usual causes: a learning rate that is too high (lower it or add warmup), fp16 overflow (use bf16 or "
+    "fp32), or corrupt input."
+)
+
+
+def non_finite_gradient(parameters: Sequence[torch.nn.Parameter]) -> float | None:
+    """The total gradient norm when it is NaN or infinite, else None.
+
+    One fused max-norm (``torch._foreach_norm``) and one host sync per step: cheap next to the step. The
+    max-norm is NaN/inf exactly when an element is, and cannot overflow as a sum of squares can. A finite
+    loss can still have an infinite gradient (an overflow in backward); clipping then turns it into NaN,
+    and the optimizer would write NaN weights that the next checkpoint saves.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return None
+    norms = torch._foreach_norm(grads, math.inf)
+    value = torch.stack([n.to(norms[0].device) for n in norms]).sum().item()
+    return None if math.isfinite(value) else value
+
+
+def first_non_finite(named: Sequence[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first tensor holding a NaN or infinite value, else None (one fused check)."""
+    tensors = [t.detach() for _, t in named if t.is_floating_point()]
+    if not tensors:
+        return None
+    norms = torch._foreach_norm(tensors, math.inf)  # NaN/inf exactly when an element is; never overflows
+    finite = torch.isfinite(torch.stack([n.float().cpu() for n in norms]))
+    if bool(finite.all()):
+        return None
+    names = [name for name, t in named if t.is_floating_point()]
+    return names[int((~finite).nonzero()[0])]
+
+
+def unseal_checkpoint(folder: str | os.PathLike) -> None:
+    """Remove the mark of a checkpoint folder that is about to be written again (it is not complete now)."""
+    with contextlib.suppress(FileNotFoundError):
+        (Path(folder) / CHECKPOINT_MARK).unlink()
+
+
+def seal_checkpoint(folder: str | os.PathLike, named: Sequence[tuple[str, torch.Tensor]], step: int) -> None:
+    """Mark a fully written checkpoint complete, or remove it and stop when its weights are not finite.
+
+    A checkpoint with NaN weights would be resumed from by every later run, which would then fail again;
+    so it is never kept. Call on every rank (all hold the same weights, so all stop together); only the
+    main process touches the folder.
+    """
+    folder = Path(folder)
+    bad = first_non_finite(named)
+    main = not _distributed() or dist.get_rank() == 0
+    if bad is not None:
+        if main:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise NonFiniteLossError(
+            f"the weights became non-finite ({bad}) at step {step} although the loss was finite; that "
+            f"checkpoint was not kept, so the last checkpoint is intact. {NON_FINITE_CAUSES}"
+        )
+    if main and folder.is_dir():
+        make_readable(folder)  # the trainer's safetensors files are 0600 whatever the umask
+        atomic_write_json(folder / CHECKPOINT_MARK, {"global_step": step, "finite": True})
+
+
+def name_last_checkpoint(message: str, checkpoint_dir: str | os.PathLike, required: Sequence[str]) -> str:
+    """Replace "the last checkpoint is intact" by the name of the checkpoint a re-run resumes from."""
+    last = last_complete_checkpoint(checkpoint_dir, required)
+    where = (
+        f"the last finite checkpoint, {last}, is intact and running the same command again resumes from it"
+        if last is not None
+        else "no checkpoint had been written yet, so running the command again starts from scratch"
+    )
+    return message.replace("the last checkpoint is intact", where)
 
 
 class RetroMAETrainingCallback(TrainerCallback):
@@ -70,6 +174,8 @@ class RetroMAETrainingCallback(TrainerCallback):
         self.loss = loss
         self.resume_from_checkpoint = resume_from_checkpoint
         self.max_grad_norm = 0.0
+        self.h_gains: list[float] = []  # every logged h_gain, for the stalled-h warning
+        self.warned_h_gain = False
         loss.callback_attached = True
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -77,6 +183,7 @@ class RetroMAETrainingCallback(TrainerCallback):
         # before we see them, so the loss's gradients could not share one joint norm. Restored at the end.
         self.max_grad_norm = args.max_grad_norm
         args.max_grad_norm = 0.0
+        self.loss.fit_head_warmup(state.max_steps)
         if state.global_step > 0:
             folder = self.resume_from_checkpoint or os.path.join(
                 args.output_dir, f"checkpoint-{state.global_step}"
@@ -90,8 +197,43 @@ class RetroMAETrainingCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.loss.current_step = state.global_step + 1
+        # Diagnostics cost a decoder pass without gradients: only on the steps the trainer logs.
+        if args.logging_strategy == "steps" and is_logging_step(
+            state.global_step + 1, int(state.logging_steps or args.logging_steps), args.logging_first_step
+        ):
+            self.loss.request_diagnostics()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        diagnostics, self.loss.last_diagnostics = self.loss.last_diagnostics, None
+        if not diagnostics or logs is None or "loss" not in logs:
+            return
+        # The trainer appended this log to log_history before calling us: complete that entry too.
+        logs.update(diagnostics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(diagnostics)
+        # The trainer printed this log before us (its own callbacks come first): print them beside it.
+        logger.info(
+            "step %d: h_gain %.4f nats, embedding_cosine %.4f",
+            state.global_step,
+            diagnostics[H_GAIN],
+            diagnostics[EMBEDDING_COSINE],
+        )
+        self.h_gains.append(diagnostics[H_GAIN])
+        if not self.warned_h_gain and h_gain_stalled(self.h_gains, state.global_step, state.max_steps):
+            self.warned_h_gain = True
+            logger.warning(
+                stalled_message(
+                    diagnostics[H_GAIN], diagnostics.get(EMBEDDING_COSINE), state.global_step, state.max_steps
+                )
+            )
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        step = state.global_step + 1 if state is not None else self.loss.current_step
+        if model is not None and self.loss.encoder_frozen(step):
+            # Head warm-up: the loss ran the encoder without a graph; its embedding layer may still hold a
+            # gradient from the query stream, which must not move it either (AdamW skips grad-less weights).
+            for parameter in model.parameters():
+                parameter.grad = None
         own = [p for p in self.loss.own_parameters() if p.grad is not None]
         if _distributed() and own:
             # DDP averages the model's gradients during backward; the loss's live outside DDP.
@@ -103,15 +245,35 @@ class RetroMAETrainingCallback(TrainerCallback):
             for grad in grads:
                 grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
                 offset += grad.numel()
+        parameters = [p for p in model.parameters() if p.grad is not None] if model is not None else []
+        # Under fp16 an infinite gradient is routine: the grad scaler skips that step and lowers its scale.
+        if not getattr(args, "fp16", False):
+            bad = non_finite_gradient(parameters + own)
+            if bad is not None:
+                step = state.global_step + 1 if state is not None else self.loss.current_step
+                raise NonFiniteLossError(
+                    f"the gradient became {bad} at step {step} although the RetroMAE loss was finite; "
+                    "training stopped before applying it, so the last checkpoint is intact. "
+                    f"{NON_FINITE_CAUSES}"
+                )
         if self.max_grad_norm and self.max_grad_norm > 0:
             # Under fp16 the trainer has already unscaled every gradient of the optimizer (model and loss
             # alike) when it measured the gradient norm just before this hook, so these are true values.
-            parameters = [p for p in model.parameters() if p.grad is not None] if model is not None else []
             torch.nn.utils.clip_grad_norm_(parameters + own, self.max_grad_norm)
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, **kwargs):
+        # A checkpoint folder about to be saved again (a resumed run re-reaching a step) is not complete
+        # until it is sealed anew.
         if state.is_world_process_zero:
-            self.loss.save_own_weights(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+            unseal_checkpoint(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if state.is_world_process_zero:
+            self.loss.save_own_weights(folder)
+        named = list(model.named_parameters()) if model is not None else []
+        named += [(f"loss.{name}", p) for name, p in self.loss.own_named_parameters()]
+        seal_checkpoint(folder, named, state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
         args.max_grad_norm = self.max_grad_norm
@@ -122,27 +284,118 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def complete_checkpoints(folder: str | os.PathLike, required: Sequence[str] = (TRAINER_STATE,)) -> list[Path]:
-    """Checkpoint folders under ``folder`` that hold every ``required`` file, oldest first.
+    """Checkpoint folders under ``folder`` that are complete, oldest first.
 
-    The trainer writes ``trainer_state.json`` last, and the callback writes the loss's weights after it;
-    a checkpoint cut short by a crash lacks one of them and is passed over.
+    Complete means: every ``required`` file is there and the checkpoint is sealed (:data:`CHECKPOINT_MARK`,
+    written last, once its weights are known to be finite); a checkpoint cut short by a crash is passed
+    over. Folders written before the seal existed (no checkpoint in ``folder`` has one) count when their
+    ``trainer_state.json`` is whole JSON, as the trainer writes it last.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = []
+    candidates = []
     for child in folder.iterdir():
         match = _CHECKPOINT.match(child.name)
         if match and child.is_dir() and all((child / name).is_file() for name in required):
-            found.append((int(match.group(1)), child))
-    return [path for _, path in sorted(found)]
+            candidates.append((int(match.group(1)), child))
+    sealed = [(step, path) for step, path in candidates if (path / CHECKPOINT_MARK).is_file()]
+    if not sealed and not any((child / CHECKPOINT_MARK).is_file() for _, child in _all_checkpoints(folder)):
+        sealed = [(step, path) for step, path in candidates if _whole_json(path / TRAINER_STATE)]
+    return [path for _, path in sorted(sealed)]
+
+
+def _all_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    return [
+        (int(match.group(1)), child)
+        for child in folder.iterdir()
+        if (match := _CHECKPOINT.match(child.name)) and child.is_dir()
+    ]
+
+
+def _whole_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _finite_weights(checkpoint: Path) -> bool:
+    """Whether every safetensors file of an unsealed (older) checkpoint holds only finite values."""
+    from safetensors.torch import load_file
+
+    for path in sorted(checkpoint.rglob("*.safetensors")):
+        if first_non_finite(list(load_file(str(path)).items())) is not None:
+            return False
+    return True
 
 
 def last_complete_checkpoint(
     folder: str | os.PathLike, required: Sequence[str] = (TRAINER_STATE,)
 ) -> Path | None:
-    checkpoints = complete_checkpoints(folder, required)
-    return checkpoints[-1] if checkpoints else None
+    """The newest complete checkpoint whose weights are finite (the one to resume from), or None.
+
+    A sealed checkpoint was checked when it was written; an unsealed one (written before the seal existed)
+    is read and checked here, and passed over with a warning when it holds NaN or infinite weights, so
+    a run that saved broken weights resumes from the last good checkpoint instead of failing again.
+    """
+    for checkpoint in reversed(complete_checkpoints(folder, required)):
+        if (checkpoint / CHECKPOINT_MARK).is_file() or _finite_weights(checkpoint):
+            return checkpoint
+        logger.warning("%s holds NaN or infinite weights: not resumed from.", checkpoint)
+    return None
+
+
+def check_pretrain_options(
+    *,
+    loss_kwargs: dict[str, Any] | None = None,
+    batch_size: int = 32,
+    learning_rate: float = 1e-4,
+    num_train_epochs: float = 1.0,
+    max_steps: int = -1,
+    warmup_ratio: float = 0.1,
+    weight_decay: float = 0.01,
+    max_grad_norm: float = 1.0,
+    gradient_accumulation_steps: int = 1,
+    save_steps: int = 500,
+    logging_steps: int = 10,
+    bf16: bool = False,
+    fp16: bool = False,
+    dataloader_num_workers: int = 0,
+    hidden_size: int | None = None,
+) -> None:
+    """Refuse bad stage-1 options before any work: :func:`pretrain` calls it first, and the CLI and the
+    pipeline call it before reading and tokenising the corpus (minutes on a big one), so a typo in an
+    option never costs that time. ``loss_kwargs`` are :class:`RetroMAELoss`'s options; ``hidden_size`` (when
+    known) lets ``decoder_heads`` be checked too.
+
+    Raises:
+        UserInputError: naming the option, its value and what it must be.
+    """
+    check_loss_options(**(loss_kwargs or {}), hidden_size=hidden_size)
+    for name, value in (
+        ("batch_size", batch_size),
+        ("gradient_accumulation_steps", gradient_accumulation_steps),
+        ("save_steps", save_steps),
+        ("logging_steps", logging_steps),
+    ):
+        # save_steps=0 is accepted by the trainer and then never checkpoints (so nothing can resume).
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserInputError(f"{name}={value!r}: use a whole number >= 1.")
+    if not learning_rate > 0:
+        raise UserInputError(f"learning_rate={learning_rate!r}: use a positive learning rate.")
+    if max_steps <= 0 and not num_train_epochs > 0:
+        raise UserInputError("neither max_steps nor epochs is positive: the run would train nothing.")
+    if not 0 <= warmup_ratio < 1:
+        raise UserInputError(f"warmup_ratio={warmup_ratio!r}: use a share of the steps, 0 <= ratio < 1.")
+    for name, value in (("weight_decay", weight_decay), ("max_grad_norm", max_grad_norm)):
+        if not value >= 0:
+            raise UserInputError(f"{name}={value!r}: use a number >= 0.")
+    if dataloader_num_workers < 0:
+        raise UserInputError(f"dataloader_num_workers={dataloader_num_workers!r}: use 0 or more workers.")
+    if bf16 and fp16:
+        raise UserInputError("bf16 and fp16 are both on: choose one mixed precision.")
 
 
 def pretrain(
@@ -190,6 +443,13 @@ def pretrain(
     from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
     from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 
+    check_pretrain_options(
+        loss_kwargs=loss_kwargs if loss is None else None, batch_size=batch_size, learning_rate=learning_rate,
+        num_train_epochs=num_train_epochs, max_steps=max_steps, warmup_ratio=warmup_ratio,
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+        gradient_accumulation_steps=gradient_accumulation_steps, save_steps=save_steps,
+        logging_steps=logging_steps, bf16=bf16, fp16=fp16, dataloader_num_workers=dataloader_num_workers,
+    )  # fmt: skip
     output_dir = Path(output_dir)
     final_dir = output_dir / FINAL
     checkpoint_dir = output_dir / CHECKPOINTS
@@ -246,10 +506,15 @@ def pretrain(
         report_to="none",
         remove_unused_columns=False,
         **({"batch_sampler": sampler} if sampler is not None else {}),
-        **launcher_args(),
-        **(extra_args or {}),
+        **launcher_args(bf16=bf16),
+        # extra_args may set dataloader_pin_memory itself: it wins.
+        **(pin_memory_args() | (extra_args or {})),
     )
     callback = RetroMAETrainingCallback(loss, resume_from_checkpoint=resume_from)
+    curriculum = MaskRatioCurriculum.from_loss(loss)
+    if curriculum is not None and not any(isinstance(c, MaskRatioCurriculum) for c in callbacks):
+        # The loss's own curriculum options (it reads its knobs at every forward; the callback sets them).
+        callbacks = [curriculum, *callbacks]
     trainer = SentenceTransformerTrainer(
         model=model,
         args=args,
@@ -260,16 +525,24 @@ def pretrain(
     )
     world = args.world_size
     logger.info(
-        "RetroMAE pretraining: %d examples, effective batch size %d (%d per device x %d accumulation x %d processes)",
+        "RetroMAE pretraining: %d examples, effective batch size %d (%d per device x %d accumulation x %d "
+        "processes), max_seq_length %d; the model (and %s) pools by %s",
         len(train_dataset),
         batch_size * gradient_accumulation_steps * world,
         batch_size,
         gradient_accumulation_steps,
         world,
+        model.max_seq_length,
+        final_dir,
+        pooling_mode(model) or "its own modules (no Pooling module)",
     )
     if resume_from is not None:
         logger.info("Resuming from %s", resume_from)
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    except NonFiniteLossError as error:
+        required = (TRAINER_STATE, LOSS_WEIGHTS_NAME)
+        raise NonFiniteLossError(name_last_checkpoint(str(error), checkpoint_dir, required)) from error
 
     if trainer.is_world_process_zero():
         save_pretrained_outputs(model, loss, trainer.state.log_history, output_dir)

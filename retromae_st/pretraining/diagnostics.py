@@ -1,0 +1,90 @@
+"""Stage-1 diagnostics: is RetroMAE training the sentence embedding at all?
+
+Two numbers, computed without gradients on one step's own batch and masks, every ``logging_steps``:
+
+- ``h_gain``: the decoder's loss with every row's sentence embedding h swapped for another row's (a fixed
+  derangement: :func:`derangement`) minus its loss with the true h, in nats. It is what h is worth to the
+  decoder. Near 0 means the decoder rebuilds the text from its visible context alone and ignores h, so no
+  useful gradient reaches the encoder through h: RetroMAE is then plain MLM.
+- ``embedding_cosine``: the mean pairwise cosine of the batch's sentence embeddings (:func:`mean_pairwise_cosine`).
+  Near 1 means collapse: every text gets nearly the same vector, whatever h_gain says.
+
+Shapes: B batch, D hidden.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+H_GAIN = "h_gain"
+EMBEDDING_COSINE = "embedding_cosine"
+DIAGNOSTIC_KEYS = (H_GAIN, EMBEDDING_COSINE)
+
+# Below this many nats the decoder is not using h (a trained one gains whole nats per token).
+H_GAIN_FLOOR = 0.05
+# Share of max_steps after which a persistently small h_gain is worth a warning: before, the decoder and
+# head may still be learning to read h at all.
+H_GAIN_PATIENCE = 0.25
+
+
+def derangement(batch: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Row indices [B] that send every row to a different row: row i takes row i+1's h (a roll by one).
+
+    Fixed rather than random so the diagnostic's noise comes from the batch only. Needs B >= 2.
+    """
+    if batch < 2:
+        raise ValueError(f"a derangement needs at least 2 rows, got {batch}.")
+    return torch.roll(torch.arange(batch, device=device), shifts=-1)
+
+
+def mean_pairwise_cosine(embeddings: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity over the B(B-1) ordered pairs of distinct rows: [B, D] -> scalar. Needs B >= 2."""
+    batch = embeddings.shape[0]
+    if batch < 2:
+        raise ValueError(f"a pairwise cosine needs at least 2 rows, got {batch}.")
+    unit = torch.nn.functional.normalize(embeddings.float(), dim=-1)
+    gram = unit @ unit.t()  # [B, B]
+    return (gram.sum() - gram.diagonal().sum()) / (batch * (batch - 1))
+
+
+def is_logging_step(step: int, logging_steps: int, logging_first_step: bool = False) -> bool:
+    """Whether the trainer logs after optimizer step ``step`` (1-based), with the ``steps`` strategy."""
+    return (logging_steps > 0 and step % logging_steps == 0) or (logging_first_step and step == 1)
+
+
+def h_gain_stalled(
+    h_gains: Sequence[float],
+    step: int,
+    max_steps: int,
+    floor: float = H_GAIN_FLOOR,
+    patience: float = H_GAIN_PATIENCE,
+) -> bool:
+    """Whether h_gain has stayed below ``floor`` past ``patience`` of training.
+
+    ``h_gains`` are the values logged so far, oldest first; the last three are averaged, as one batch's
+    value is noisy. False before ``patience * max_steps`` steps or when ``max_steps`` is unknown (<= 0).
+    """
+    if max_steps <= 0 or step < patience * max_steps or not h_gains:
+        return False
+    recent = list(h_gains)[-3:]
+    return sum(recent) / len(recent) < floor
+
+
+def stalled_message(h_gain: float, cosine: float | None, step: int, max_steps: int) -> str:
+    """The warning for :func:`h_gain_stalled`: what was measured and what to change."""
+    collapse = (
+        f" The sentence embeddings have also collapsed (mean pairwise cosine {cosine:.2f}): lower the learning "
+        "rate or lengthen warmup."
+        if cosine is not None and cosine > 0.9
+        else ""
+    )
+    return (
+        f"RetroMAE stage 1: h_gain is {h_gain:.3f} nats at step {step} of {max_steps}, so the decoder rebuilds "
+        "the text without the sentence embedding and RetroMAE is not training it (this is plain MLM). What "
+        "helped most where measured (benchmarks/results/cls_schedule.md): from random init, pool by mean "
+        "(model.pooling: mean), or blend the mean into h early (pretrain.loss.mean_mix_start: 1.0) with a "
+        "higher stage-1 learning rate; otherwise train longer or raise decoder_mask_ratio, and check that "
+        f"the model pools the vector the decoder reads.{collapse}"
+    )
