@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 
@@ -107,3 +108,29 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def write_toy_data(
+    root: Path, documents: list[str], splits: dict[str, range], tokenizer, preset: Preset
+) -> Path:
+    """A text corpus, a BEIR folder (each query is three words of its document, one relevant document
+    each, qrels per split) and a tiny saved model, under ``root``: what the end-to-end tests run on."""
+    (root / "corpus.txt").write_text("\n".join(documents) + "\n")
+    beir = root / "toy"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n" for i, t in enumerate(documents))
+    )
+    (beir / "queries.jsonl").write_text(
+        "".join(
+            json.dumps({"_id": f"q{i}", "text": " ".join(t.split()[1:4])}) + "\n"
+            for i, t in enumerate(documents)
+        )
+    )
+    for split, ids in splits.items():
+        rows = ["query-id\tcorpus-id\tscore", *(f"q{i}\td{i}\t1" for i in ids)]
+        (beir / "qrels" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    build_model(preset, tokenizer, max_seq_length=32, save_dir=root / "init", seed=0).save(
+        str(root / "model")
+    )
+    return root

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, make_texts
+from conftest import TINY, make_texts, write_toy_data
 from safetensors.torch import load_file, save_file
 
 from retromae_st import cli
 from retromae_st.io import LOCK_FILE, atomic_dir, atomic_write_text, output_lock, remove_stale_temporaries
-from retromae_st.models import build_model
 from retromae_st.pretraining.loss import LOSS_WEIGHTS_NAME, RetroMAELoss
 from retromae_st.pretraining.training import (
     CHECKPOINT_MARK,
@@ -34,23 +33,7 @@ from retromae_st.pretraining.training import (
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, tokenizer) -> Path:
     root = tmp_path_factory.mktemp("safety")
-    documents = make_texts(48, seed=5)
-    (root / "corpus.txt").write_text("\n".join(documents) + "\n")
-    beir = root / "toy"
-    (beir / "qrels").mkdir(parents=True)
-    (beir / "corpus.jsonl").write_text(
-        "".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n" for i, t in enumerate(documents))
-    )
-    (beir / "queries.jsonl").write_text(
-        "".join(
-            json.dumps({"_id": f"q{i}", "text": " ".join(t.split()[1:4])}) + "\n"
-            for i, t in enumerate(documents)
-        )
-    )
-    rows = ["query-id\tcorpus-id\tscore", *(f"q{i}\td{i}\t1" for i in range(48))]
-    (beir / "qrels" / "train.tsv").write_text("\n".join(rows) + "\n")
-    build_model(TINY, tokenizer, max_seq_length=32, save_dir=root / "init", seed=0).save(str(root / "model"))
-    return root
+    return write_toy_data(root, make_texts(48, seed=5), {"train": range(48)}, tokenizer, TINY)
 
 
 def pretrain_args(data: Path, output: Path, *extra: str) -> list[str]:

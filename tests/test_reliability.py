@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, make_texts
+from conftest import TINY, make_texts, write_toy_data
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 
@@ -37,25 +37,8 @@ ENV = {
 def data(tmp_path_factory, tokenizer) -> Path:
     """A text corpus, a BEIR folder (queries are words of their document) and a tiny saved model."""
     root = tmp_path_factory.mktemp("reliability")
-    documents = make_texts(64, seed=3)
-    (root / "corpus.txt").write_text("\n".join(documents) + "\n")
-    beir = root / "toy"
-    (beir / "qrels").mkdir(parents=True)
-    (beir / "corpus.jsonl").write_text(
-        "".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n" for i, t in enumerate(documents))
-    )
-    (beir / "queries.jsonl").write_text(
-        "".join(
-            json.dumps({"_id": f"q{i}", "text": " ".join(t.split()[1:4])}) + "\n"
-            for i, t in enumerate(documents)
-        )
-    )
-    for split, ids in (("train", range(0, 48)), ("test", range(48, 64))):
-        rows = ["query-id\tcorpus-id\tscore", *(f"q{i}\td{i}\t1" for i in ids)]
-        (beir / "qrels" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-    model = build_model(TINY, tokenizer, max_seq_length=32, save_dir=root / "init", seed=0)
-    model.save(str(root / "model"))
-    return root
+    splits = {"train": range(0, 48), "test": range(48, 64)}
+    return write_toy_data(root, make_texts(64, seed=3), splits, tokenizer, TINY)
 
 
 def pretrain_args(data: Path, output: Path, *extra: str, model: str | None = None) -> list[str]:
