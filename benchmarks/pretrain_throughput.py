@@ -271,7 +271,10 @@ class Variant:
                 # Built while the folder exists: the loss looks for a masked-LM head in the initial weights.
                 # "ours-compile": RetroMAELoss(compile=True), as `pretrain --compile` runs it (the encoder
                 # and decoder compiled; masking, length groups and the chunked cross-entropy eager).
-                self.loss = RetroMAELoss(model, compile=name.endswith("compile")).to(device)
+                # "ours-packed": RetroMAELoss(packed=True), the encoder on real tokens only.
+                self.loss = RetroMAELoss(
+                    model, compile=name.endswith("compile"), packed=name.endswith("packed")
+                ).to(device)
             self.loss.callback_attached = True  # no trainer here: silence the missing-callback warning
             self.collator = PaddingCollator(tokenizer)
             self.module: nn.Module = self.loss
@@ -632,7 +635,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch intra-op threads (1: no OpenMP spin-wait under contention)",
     )
     parser.add_argument(
-        "--extra", default="", help="extra variants of ours, comma list of bf16 (CPU autocast), compile"
+        "--extra",
+        default="",
+        help="extra variants of ours, comma list of bf16 (CPU autocast), compile, packed",
     )
     parser.add_argument("--docs", type=int, default=None, help="use only the first N documents")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -658,8 +663,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if size not in SIZES:
             parser.error(f"unknown size {size!r}: choose from {sorted(SIZES)}")
     for extra in args.extra:
-        if extra not in ("bf16", "compile"):
-            parser.error(f"unknown extra variant {extra!r}: choose bf16 or compile")
+        if extra not in ("bf16", "compile", "packed"):
+            parser.error(f"unknown extra variant {extra!r}: choose bf16, compile or packed")
     args.name = args.name or ("pretrain_throughput_quick" if args.quick else "pretrain_throughput")
     return args
 

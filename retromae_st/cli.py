@@ -230,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the encoder and decoder through torch.compile (first steps pay the compile time)",
     )
+    pre.add_argument(
+        "--packed",
+        action="store_true",
+        help="run the encoder on each batch's real tokens only, packed into one stream (BERT, RoBERTa, "
+        "XLM-R, DistilBERT, ELECTRA, ModernBERT; others fall back to length groups)",
+    )
     _training(pre, lr=1e-4, batch=32)
     _common(pre)
 
@@ -408,6 +414,7 @@ def _loss_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_length_groups": args.max_length_groups,
         "head_warmup_steps": args.head_warmup_steps,
         "compile": args.compile,
+        "packed": args.packed,
     }
 
 

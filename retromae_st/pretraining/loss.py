@@ -50,6 +50,7 @@ from retromae_st.pretraining.masking import (
     labelled_positions,
     word_ids,
 )
+from retromae_st.pretraining.packing import attention_backend, pack_inputs, pack_rows, packable, packed_call
 from retromae_st.pretraining.unpadding import plan_length_groups, select_rows
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class RetroMAELoss(nn.Module):
         mean_mix_start: float = 0.0,
         mean_mix_steps: int = 0,
         compile: bool = False,
+        packed: bool | Literal["auto"] = False,
     ) -> None:
         r"""RetroMAE: the sentence embedding must carry the whole text, because a shallow decoder has to
         rebuild the text from that one vector plus a heavily masked view of it.
@@ -173,6 +175,13 @@ class RetroMAELoss(nn.Module):
                 are cheap, data-dependent, and keep the same random draws as an eager run. The first steps
                 pay the compile time. A model the trainer already compiled (``torch_compile=True``) is not
                 compiled again. Off by default.
+            packed: run the encoder on the batch's real tokens only: one stream of all rows' tokens, with
+                per-row attention (:mod:`retromae_st.pretraining.packing`), so that its compute follows the
+                real tokens, not B x the longest row; the decoder and heads still run as length groups.
+                Same loss and gradients as the padded call. ``True``: pack every batch that has padding, on
+                the encoders that can run packed (BERT, RoBERTa / XLM-R / CamemBERT, DistilBERT, ELECTRA,
+                ModernBERT); any other encoder, or ``compile=True``, runs as length groups, with a warning.
+                ``"auto"``: the same without the warning. ``False`` (default): length groups.
 
         References:
             - RetroMAE: Pre-Training Retrieval-oriented Language Models Via Masked Auto-Encoder,
@@ -233,6 +242,7 @@ class RetroMAELoss(nn.Module):
             mean_mix_start=mean_mix_start,
             mean_mix_steps=mean_mix_steps,
             compile=compile,
+            packed=packed,
         )
         _check_padding_side(model.tokenizer)
 
@@ -245,6 +255,7 @@ class RetroMAELoss(nn.Module):
         self.max_length_groups = max_length_groups
         self.check_finite = check_finite
         self.compile = bool(compile)
+        self.packed = packed
         # torch.compile'd callables, kept in a plain dict so that they are not registered as submodules
         # (their parameters would be listed twice): name -> (the callable compiled, its compiled form).
         self._compiled: dict[str, tuple[Any, Any]] = {}
@@ -268,6 +279,8 @@ class RetroMAELoss(nn.Module):
         self.decoder_layers = decoder_layers
         self.chunk_rows = chunk_rows or default_chunk_rows(adapter.vocab_size)
         _describe_sentence_embedding(model, adapter.hidden_size)
+        # Why this loss cannot pack its encoder calls (None: it can), said once here.
+        self.packing_refused = _packing_refusal(packed, self.compile, transformer.auto_model)
 
         tables = build_vocab_tables(model.tokenizer, adapter.vocab_size)
         self.convention = tables.convention
@@ -354,6 +367,8 @@ class RetroMAELoss(nn.Module):
 
         adapter = self.encoder()
         batch, width = input_ids.shape
+        # Packed: one encoder call on the real tokens, unpacked to [B, L, D]; None: one call per group.
+        packed_output = self._encode_packed(features, encoder_ids, adapter, encoder_grad)
         encoder_parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (states [n, D], labels [n])
         decoder_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         bow_sum = None
@@ -362,11 +377,15 @@ class RetroMAELoss(nn.Module):
             part = select_rows(features, group, batch, width)
 
             # Encoder: masked input -> token states [b, l, D] and the sentence embedding h [b, D].
-            with encoder_grad:
-                output = self._maybe_compiled("encoder", self.model)(
-                    {**part, "input_ids": encoder_ids[rows, :length]}
-                )
-            token_states, sentence_embedding = output["token_embeddings"], output["sentence_embedding"]
+            if packed_output is not None:
+                token_states = packed_output["token_embeddings"][rows, :length]
+                sentence_embedding = packed_output["sentence_embedding"][rows]
+            else:
+                with encoder_grad:
+                    output = self._maybe_compiled("encoder", self.model)(
+                        {**part, "input_ids": encoder_ids[rows, :length]}
+                    )
+                token_states, sentence_embedding = output["token_embeddings"], output["sentence_embedding"]
             if self.mean_mix > 0:  # the curriculum's blend: what the decoder (and the diagnostics) read
                 mask = part["attention_mask"].unsqueeze(-1).to(token_states.dtype)  # [b, l, 1]
                 mean = (token_states * mask).sum(1) / mask.sum(1).clamp(min=1)  # [b, D]
@@ -405,6 +424,31 @@ class RetroMAELoss(nn.Module):
             target = visible if visible is not None else decoder_ids
             self.last_diagnostics = self._diagnostics(adapter, seen, target, targets, losses["decoder"])
         return losses
+
+    def _encode_packed(
+        self,
+        features: dict[str, torch.Tensor],
+        encoder_ids: torch.Tensor,
+        adapter: EncoderAdapter,
+        encoder_grad: Any,
+    ) -> dict[str, torch.Tensor] | None:
+        """The model's output for the whole batch from one packed encoder call (token_embeddings [B, L, D],
+        zeros at padding; sentence_embedding [B, D]); None when this step runs as length groups."""
+        attention_mask = features["attention_mask"]  # [B, L]
+        if not self.packed or self.packing_refused is not None or bool(attention_mask.bool().all()):
+            return None  # off, not possible, or nothing to gain: no padding
+        if not bool(attention_mask.bool().any(dim=1).all()):
+            return None  # an empty row has no token to stand for it in the stream
+        transformer = _transformer_module(_unwrap(self.model))
+        if packable(transformer.auto_model) is not None:  # changed since init (activation checkpointing)
+            self.packing_refused = _packing_refusal(self.packed, self.compile, transformer.auto_model)
+            return None
+        rows = pack_rows(attention_mask, hidden_size=adapter.hidden_size)
+        inputs = pack_inputs(features, encoder_ids, rows, adapter.position_offset)  # [1, T] each
+        padded = {**features, "input_ids": encoder_ids}  # what the modules after the encoder see
+        backend = attention_backend(transformer.auto_model, encoder_ids.device)
+        with encoder_grad, packed_call(transformer, rows, padded, inputs, backend):
+            return self.model(inputs)
 
     # -- diagnostics and the head warm-up ---------------------------------------------------------------
 
@@ -620,6 +664,14 @@ class RetroMAELoss(nn.Module):
         """The encoder's embedding pieces, found through any DDP / compile wrapper around the model."""
         return adapt_encoder(_transformer_module(_unwrap(self.model)).auto_model)
 
+    def pooling_mode(self) -> str | None:
+        """How the model pools the sentence embedding the decoder reads ("cls", "mean", ...; None: no Pooling)."""
+        pooling = next((m for m in _unwrap(self.model) if isinstance(m, Pooling)), None)
+        if pooling is None:
+            return None
+        mode = pooling.pooling_mode
+        return mode if isinstance(mode, str) else "+".join(mode)
+
     def vocab_tables(self) -> VocabTables:
         return VocabTables(
             self.continues_word, self.special_ids, self.replacement_ids, self.mask_token_id, self.convention
@@ -689,6 +741,7 @@ class RetroMAELoss(nn.Module):
             "mean_mix_start": self.mean_mix_start,
             "mean_mix_steps": self.mean_mix_steps,
             "compile": self.compile,
+            "packed": self.packed,
         }
 
     @property
@@ -714,6 +767,7 @@ def check_loss_options(
     mean_mix_start: float = 0.0,
     mean_mix_steps: int = 0,
     compile: bool = False,
+    packed: bool | str = False,
     hidden_size: int | None = None,
 ) -> None:
     """Check :class:`RetroMAELoss`'s options without a model, so callers can refuse bad ones before
@@ -781,6 +835,19 @@ def check_loss_options(
         raise UserInputError(f"mean_mix_steps={mean_mix_steps!r} must be an integer >= 0.")
     if not isinstance(compile, bool):
         raise UserInputError(f"compile={compile!r} must be true or false.")
+    if not isinstance(packed, bool) and packed != "auto":
+        raise UserInputError(f"packed={packed!r} must be true, false or 'auto'.")
+
+
+def _packing_refusal(packed: bool | str, compiled: bool, encoder: nn.Module) -> str | None:
+    """Why the encoder calls cannot run packed (None: they can, or packing is off); warns for packed=True."""
+    if packed is False:
+        return None
+    reason = "compile=True compiles the padded encoder call" if compiled else packable(encoder)
+    if reason is not None:
+        log = logger.warning if packed is True else logger.info
+        log("RetroMAE: packed=%r, but the encoder runs as length groups: %s.", packed, reason)
+    return reason
 
 
 def _positive_int(value: object) -> bool:
