@@ -19,6 +19,7 @@ from retromae_st.pretraining.diagnostics import (
     h_gain_stalled,
     is_logging_step,
     mean_pairwise_cosine,
+    stalled_message,
 )
 from retromae_st.pretraining.loss import RetroMAELoss
 from retromae_st.pretraining.training import RetroMAETrainingCallback, pretrain
@@ -178,3 +179,13 @@ def test_report_reads_the_diagnostics_out():
     assert len(notes) == 2
     assert "ignores the sentence embedding" in notes[0] and "collapsed" in notes[0]
     assert "relies on the sentence embedding" in notes[1] and "not collapsed" in notes[1]
+
+
+def test_stall_advice_fits_the_pooling(tiny_model):
+    """CLS gets the from-scratch remedies; a mean-pooled model is not told to pool by mean."""
+    assert RetroMAELoss(tiny_model).pooling_mode() == "cls"
+    cls = stalled_message(0.01, 0.5, 30, 100, pooling="cls")
+    mean = stalled_message(0.01, 0.5, 30, 100, pooling="mean")
+    assert "model.pooling: mean" in cls and "mean_mix_start" in cls
+    assert "model.pooling: mean" not in mean and "mean_mix_start" not in mean
+    assert "mean-pooled" in mean and "head_warmup_steps" in mean

@@ -72,19 +72,32 @@ def h_gain_stalled(
     return sum(recent) / len(recent) < floor
 
 
-def stalled_message(h_gain: float, cosine: float | None, step: int, max_steps: int) -> str:
-    """The warning for :func:`h_gain_stalled`: what was measured and what to change."""
+def stalled_message(
+    h_gain: float, cosine: float | None, step: int, max_steps: int, pooling: str | None = "cls"
+) -> str:
+    """The warning for :func:`h_gain_stalled`: what was measured and what to change for this ``pooling``."""
     collapse = (
         f" The sentence embeddings have also collapsed (mean pairwise cosine {cosine:.2f}): lower the learning "
         "rate or lengthen warmup."
         if cosine is not None and cosine > 0.9
         else ""
     )
+    if pooling == "cls":
+        advice = (
+            "What helped most where measured (benchmarks/results/cls_schedule.md): from random init, pool by "
+            "mean (model.pooling: mean), or blend the mean into h early (pretrain.loss.mean_mix_start: 1.0) "
+            "with a higher stage-1 learning rate; otherwise train longer or raise decoder_mask_ratio."
+        )
+    else:
+        # Already a pooled vector over every token (an embedding model's own, or the quickstart's mean):
+        # the CLS remedies do not apply.
+        advice = (
+            f"The decoder reads the model's {pooling or 'own'}-pooled sentence embedding; train longer or raise "
+            "decoder_mask_ratio so that rebuilding the text needs h. Continuing a model saved without a "
+            "masked-LM head, h_gain stays near 0 while the fresh head learns (head_warmup_steps)."
+        )
     return (
         f"RetroMAE stage 1: h_gain is {h_gain:.3f} nats at step {step} of {max_steps}, so the decoder rebuilds "
-        "the text without the sentence embedding and RetroMAE is not training it (this is plain MLM). What "
-        "helped most where measured (benchmarks/results/cls_schedule.md): from random init, pool by mean "
-        "(model.pooling: mean), or blend the mean into h early (pretrain.loss.mean_mix_start: 1.0) with a "
-        "higher stage-1 learning rate; otherwise train longer or raise decoder_mask_ratio, and check that "
-        f"the model pools the vector the decoder reads.{collapse}"
+        f"the text without the sentence embedding and RetroMAE is not training it (this is plain MLM). {advice}"
+        f"{collapse}"
     )

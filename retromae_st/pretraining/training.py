@@ -223,7 +223,11 @@ class RetroMAETrainingCallback(TrainerCallback):
             self.warned_h_gain = True
             logger.warning(
                 stalled_message(
-                    diagnostics[H_GAIN], diagnostics.get(EMBEDDING_COSINE), state.global_step, state.max_steps
+                    diagnostics[H_GAIN],
+                    diagnostics.get(EMBEDDING_COSINE),
+                    state.global_step,
+                    state.max_steps,
+                    pooling=self.loss.pooling_mode(),
                 )
             )
 
