@@ -226,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
         "to 50 when the model has no MLM head and is pretrained; 0 = off)",
     )
     pre.add_argument(
+        "--head-lr-factor",
+        type=_auto_or_factor,
+        default="auto",
+        help="learning-rate multiple for the decoder and MLM head (default auto: 10 when the head is fresh "
+        "and the encoder pretrained, else 1)",
+    )
+    pre.add_argument(
         "--compile",
         action="store_true",
         help="run the encoder and decoder through torch.compile (first steps pay the compile time)",
@@ -403,6 +410,18 @@ def _auto_or_count(value: str) -> int | str:
     return number
 
 
+def _auto_or_factor(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        factor = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number > 0, got {value!r}") from None
+    if not factor > 0 or factor == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number > 0, got {value!r}")
+    return factor
+
+
 def _loss_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """RetroMAELoss's options from the pretrain command's flags."""
     return {
@@ -413,6 +432,7 @@ def _loss_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "bow_weight": args.bow_weight,
         "max_length_groups": args.max_length_groups,
         "head_warmup_steps": args.head_warmup_steps,
+        "head_lr_factor": args.head_lr_factor,
         "compile": args.compile,
         "packed": args.packed,
     }

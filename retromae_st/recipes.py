@@ -69,6 +69,11 @@ class RetroMAEOptions(_Section):
         description="first steps that train only a fresh MLM head and the decoder, encoder frozen "
         "(auto: up to 50 when the checkpoint has no MLM head; 0: off)",
     )
+    head_lr_factor: Literal["auto"] | Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        default="auto",
+        description="learning-rate multiple for the decoder and MLM head (auto: 10 when the head is fresh "
+        "and the encoder pretrained, else 1)",
+    )
     decoder_mask_start: float | None = Field(
         default=None,
         gt=0,

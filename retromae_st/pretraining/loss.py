@@ -75,7 +75,13 @@ RETROMAE_CITATION = """
 class RetroMAELoss(nn.Module):
     DEFAULT_LENGTH_GROUPS = 4
     AUTO_HEAD_WARMUP_STEPS = 50
-    AUTO_HEAD_WARMUP_SHARE = 0.1  # of max_steps, at most
+    AUTO_HEAD_WARMUP_SHARE = 0.4  # of max_steps, at most
+    # "auto" head_lr_factor for a fresh head on a pretrained encoder (measured: benchmarks/README.md,
+    # continuing all-MiniLM-L6-v2, the stage-1 model's dev nDCG@10 fell 0.050 at 1x, 0.031 at 10x, and
+    # 0.020 at 10x with a 20-step warm-up).
+    AUTO_HEAD_LR_FACTOR = 10.0
+    # "auto" warm-up ends once both losses are below this share of ln(V), the loss of uniform guessing.
+    AUTO_HEAD_WARMUP_END = 0.5
 
     def __init__(
         self,
@@ -91,6 +97,7 @@ class RetroMAELoss(nn.Module):
         max_length_groups: int = DEFAULT_LENGTH_GROUPS,
         check_finite: bool = True,
         head_warmup_steps: int | Literal["auto"] = "auto",
+        head_lr_factor: float | Literal["auto"] = "auto",
         decoder_mask_start: float | None = None,
         decoder_mask_steps: int = 0,
         mean_mix_start: float = 0.0,
@@ -153,9 +160,15 @@ class RetroMAELoss(nn.Module):
             check_finite: raise :class:`NonFiniteLossError` naming the component when a loss is NaN/inf.
             head_warmup_steps: train the MLM head and decoder with the encoder frozen (no gradient into it)
                 for the first N optimizer steps. ``"auto"`` (default): when the head is fresh and the encoder
-                pretrained (not at its initial weights), up to :attr:`AUTO_HEAD_WARMUP_STEPS` steps and 10% of
+                pretrained (not at its initial weights), up to :attr:`AUTO_HEAD_WARMUP_STEPS` steps and 40% of
                 the run's steps, ending at the first step where both the encoder MLM and the decoder losses
-                are below ln(V) (better than uniform guessing); 0 otherwise. 0 turns it off.
+                are below ln(V) / 2 (far better than uniform guessing); 0 otherwise. 0 turns it off.
+            head_lr_factor: the loss's own weights (decoder, head transform and bias; not the vocabulary
+                projection, tied to the encoder's word embeddings) train at this multiple of the learning
+                rate (:func:`retromae_st.pretraining.training.pretrain` sets the trainer's
+                ``learning_rate_mapping``). ``"auto"`` (default): :attr:`AUTO_HEAD_LR_FACTOR` (10) when the
+                head is fresh and the encoder pretrained, so the new weights catch up with the pretrained
+                ones before their gradients reach it; 1 otherwise (from scratch, or a checkpoint's head).
             decoder_mask_start: a decoder-mask curriculum: the decoder mask ratio at step 0, in (0, 1],
                 annealed linearly to ``decoder_mask_ratio`` over ``decoder_mask_steps`` steps by
                 :class:`retromae_st.pretraining.curriculum.MaskRatioCurriculum` (which
@@ -237,6 +250,7 @@ class RetroMAELoss(nn.Module):
             chunk_rows=chunk_rows,
             max_length_groups=max_length_groups,
             head_warmup_steps=head_warmup_steps,
+            head_lr_factor=head_lr_factor,
             decoder_mask_start=decoder_mask_start,
             decoder_mask_steps=decoder_mask_steps,
             mean_mix_start=mean_mix_start,
@@ -305,6 +319,8 @@ class RetroMAELoss(nn.Module):
         self.mean_mix_steps = mean_mix_steps
         self.mean_mix = self.mean_mix_start  # this step's weight; set per step by MaskRatioCurriculum
         self.head_warmup_limit = self._head_warmup_limit(head_warmup_steps, transformer.auto_model)
+        self.head_lr_factor_option = head_lr_factor
+        self.head_lr_factor = self._head_lr_factor(head_lr_factor, transformer.auto_model)
         # The optimizer step at which the warm-up ended early ("auto"); kept in checkpoints for resume.
         self.head_warmup_ended: int | None = None
         self._training_forwards = 0  # step count when no callback sets current_step
@@ -504,13 +520,21 @@ class RetroMAELoss(nn.Module):
             return 0
         logger.info(
             "RetroMAE: the MLM head is fresh and the encoder pretrained, so the head and decoder train alone "
-            "(encoder frozen) for up to %d steps (10%% of the run at most), until both losses fall below "
-            "ln(V) = %.2f "
+            "(encoder frozen) for up to %d steps (40%% of the run at most), until both losses fall below "
+            "ln(V) / 2 = %.2f "
             "(head_warmup_steps='auto'; set a number, or 0 to turn it off).",
             self.AUTO_HEAD_WARMUP_STEPS,
-            math.log(self.head.bias.numel()),
+            math.log(self.head.bias.numel()) / 2,
         )
         return self.AUTO_HEAD_WARMUP_STEPS
+
+    def _head_lr_factor(self, option: float | str, encoder: nn.Module) -> float:
+        """The learning-rate multiple of the loss's own weights (``"auto"``: see the class docstring)."""
+        if option != "auto":
+            return float(option)
+        if self.head_source is not None or looks_untrained(encoder):
+            return 1.0
+        return self.AUTO_HEAD_LR_FACTOR
 
     def fit_head_warmup(self, max_steps: int) -> None:
         """``"auto"``: keep the warm-up within :attr:`AUTO_HEAD_WARMUP_SHARE` of a run of ``max_steps`` steps
@@ -529,19 +553,21 @@ class RetroMAELoss(nn.Module):
         return 1 <= step <= self.head_warmup_limit
 
     def _maybe_end_head_warmup(self, losses: dict[str, torch.Tensor]) -> None:
-        """``"auto"``: end the warm-up once the head beats uniform guessing on both objectives."""
-        uniform = math.log(self.head.bias.numel())
+        """``"auto"``: end the warm-up once the head predicts far better than uniform guessing on both
+        objectives (below ln(V) / 2: merely beating ln(V) is reached within a few steps, by a head whose
+        gradients still hurt a pretrained encoder, as measured)."""
+        threshold = self.AUTO_HEAD_WARMUP_END * math.log(self.head.bias.numel())
         encoder_mlm, decoder = float(losses["encoder_mlm"].detach()), float(losses["decoder"].detach())
-        if encoder_mlm < uniform and decoder < uniform:
+        if encoder_mlm < threshold and decoder < threshold:
             step = self.current_step if self.current_step is not None else self._training_forwards
             self.head_warmup_ended = step
             logger.info(
-                "RetroMAE: head warm-up done at step %d (encoder MLM %.2f, decoder %.2f < ln(V) = %.2f); "
+                "RetroMAE: head warm-up done at step %d (encoder MLM %.2f, decoder %.2f < ln(V) / 2 = %.2f); "
                 "the encoder trains from the next step.",
                 step,
                 encoder_mlm,
                 decoder,
-                uniform,
+                threshold,
             )
 
     def _load_pretrained_head(self, transformer: Transformer) -> str | None:
@@ -736,6 +762,7 @@ class RetroMAELoss(nn.Module):
             "query_stream": self.query_stream_form,
             "max_length_groups": self.max_length_groups,
             "head_warmup_steps": self.head_warmup_steps,
+            "head_lr_factor": self.head_lr_factor_option,
             "decoder_mask_start": self.decoder_mask_start,
             "decoder_mask_steps": self.decoder_mask_steps,
             "mean_mix_start": self.mean_mix_start,
@@ -762,6 +789,7 @@ def check_loss_options(
     max_length_groups: int = RetroMAELoss.DEFAULT_LENGTH_GROUPS,
     check_finite: bool = True,
     head_warmup_steps: int | str = "auto",
+    head_lr_factor: float | str = "auto",
     decoder_mask_start: float | None = None,
     decoder_mask_steps: int = 0,
     mean_mix_start: float = 0.0,
@@ -810,6 +838,15 @@ def check_loss_options(
     ):
         raise UserInputError(
             f"head_warmup_steps={head_warmup_steps!r} must be 'auto' or an integer >= 0 (0: no warm-up)."
+        )
+    if head_lr_factor != "auto" and (
+        isinstance(head_lr_factor, bool)
+        or not isinstance(head_lr_factor, (int, float))
+        or not math.isfinite(head_lr_factor)
+        or head_lr_factor <= 0
+    ):
+        raise UserInputError(
+            f"head_lr_factor={head_lr_factor!r} must be 'auto' or a number > 0 (1: the same learning rate)."
         )
     if decoder_mask_start is not None and (
         isinstance(decoder_mask_start, bool)

@@ -402,6 +402,23 @@ def check_pretrain_options(
         raise UserInputError("bf16 and fp16 are both on: choose one mixed precision.")
 
 
+# The loss's own weights inside the loss module: everything but the encoder (its attribute ``model``).
+OWN_WEIGHTS_PATTERN = r"^(?!model\.)"
+
+
+def head_learning_rate_args(loss: RetroMAELoss, learning_rate: float) -> dict[str, Any]:
+    """Training arguments that give the loss's own weights (decoder, head) ``head_lr_factor`` x the rate."""
+    factor = getattr(loss, "head_lr_factor", 1.0)
+    if factor == 1.0 or not loss.own_parameters():
+        return {}
+    logger.info(
+        "RetroMAE: the decoder and MLM head train at %g x the learning rate (%g; head_lr_factor).",
+        factor,
+        learning_rate * factor,
+    )
+    return {"learning_rate_mapping": {OWN_WEIGHTS_PATTERN: learning_rate * factor}}
+
+
 def pretrain(
     model: SentenceTransformer,
     train_dataset: Dataset,
@@ -469,6 +486,7 @@ def pretrain(
         # The decoder's initial weights follow the run's seed, not whatever the process drew before.
         torch.manual_seed(seed)
         loss = RetroMAELoss(model, **(loss_kwargs or {}))
+    extra_args = {**head_learning_rate_args(loss, learning_rate), **(extra_args or {})}
     if gradient_checkpointing:
         model[0].auto_model.gradient_checkpointing_enable()
     resume_from = (
