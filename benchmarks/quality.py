@@ -659,7 +659,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"# Does RetroMAE pay off? ({cfg['label']})",
         "",
         f"Machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']}, {cfg['threads']} thread(s). "
-        f"Total wall time {report['wall_seconds'] / 60:.0f} min.",
+        f"Wall time of this process {report['wall_seconds'] / 60:.0f} min.",
         "",
         (
             f"Continued from {cfg['start_model']} (its own tokenizer, vocab {report['vocab_size']}, and pooling)"
@@ -680,9 +680,11 @@ def markdown(report: dict[str, Any]) -> str:
     if not rows:
         return "\n".join(lines)
     names = [e["name"] for e in report["eval_sets"]]
-    head = "| regime | arm | stage-1 steps (s) | " + " | ".join(f"{n} nDCG@10 | {n} R@100" for n in names)
+    head = "| regime | arm | seeds | stage-1 steps (s) | " + " | ".join(
+        f"{n} nDCG@10 | {n} R@100" for n in names
+    )
     head += " | stage-2 loss (ln B) | cos after s1 / s2 | h_gain / batch cos (stage 1) |"
-    lines += [head, "|" + "---|" * (6 + 2 * len(names))]
+    lines += [head, "|" + "---|" * (7 + 2 * len(names))]
     for row in sorted(rows, key=lambda r: (r["regime"], r["arm"])):
         cells = []
         for n in names:
@@ -693,7 +695,8 @@ def markdown(report: dict[str, Any]) -> str:
                 mean, std = row[f"{n}/{metric}"]
                 cells.append(f"{mean:.3f} ± {std:.3f}")
         lines.append(
-            f"| {row['regime']} | {row['arm']} | {row['stage1_steps']:.0f} ({row['stage1_seconds']:.0f}) | "
+            f"| {row['regime']} | {row['arm']} | {row['seeds']} | {row['stage1_steps']:.0f} "
+            f"({row['stage1_seconds']:.0f}) | "
             + " | ".join(cells)
             + f" | {loss_cell(row)} | {row['cos1']:.2f} / {row['cos2']:.2f} | {diagnostics_cell(row)} |"
         )
@@ -757,12 +760,15 @@ def write(args, out: Path, records, tokenizer, evals, wall: float) -> None:
     except OSError:
         pass
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    fewer_seeds = any(
+        row["seeds"] < len(args.seed_list) for row in summarise(records) if row["arm"] != "start"
+    )
     config["label"] = (
         "quick smoke run"
         if args.quick
         else (
             "full configuration"
-            if len(args.seed_list) >= 3
+            if len(args.seed_list) >= 3 and not fewer_seeds
             else "REDUCED run (fewer seeds/steps than the full benchmark)"
         )
     )
