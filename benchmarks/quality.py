@@ -75,7 +75,7 @@ from retromae_st.io import atomic_write_json, atomic_write_text
 from retromae_st.models import build_model, load_encoder, train_wordpiece_tokenizer
 from retromae_st.pretraining.loss import RetroMAELoss
 from retromae_st.pretraining.masking import encoder_mask, labelled_positions, word_ids
-from retromae_st.pretraining.training import pretrain
+from retromae_st.pretraining.training import OWN_WEIGHTS_PATTERN, pretrain
 from retromae_st.pretraining.unpadding import plan_length_groups, select_rows
 
 logger = logging.getLogger("benchmarks.quality")
@@ -242,7 +242,7 @@ def stage1(
         loss = loss_class(model, head_warmup_steps=args.head_warmup, **schedule)
         # The loss's own weights (decoder, head transform and bias; not the tied vocabulary projection):
         # the trainer's learning_rate_mapping matches their names inside the loss ("model." is the encoder).
-        extra = {"learning_rate_mapping": {r"^(?!model\.)": args.loss_lr}} if args.loss_lr else None
+        extra = {"learning_rate_mapping": {OWN_WEIGHTS_PATTERN: args.loss_lr}} if args.loss_lr else None
         pretrain(model, windows, out_dir, loss=loss, extra_args=extra, **common)
         folder = out_dir / "final"
         log = (
