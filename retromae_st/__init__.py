@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# 0.1.0's flat module paths (retromae_st.loss, retromae_st.corpus, ...) still import, with a warning.
+importlib.import_module("retromae_st._moved").install()
+
 _EXPORTS = {
     # stage 1
     "RetroMAELoss": "retromae_st.pretraining.loss",
