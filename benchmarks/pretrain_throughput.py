@@ -271,10 +271,11 @@ class Variant:
                 # Built while the folder exists: the loss looks for a masked-LM head in the initial weights.
                 # "ours-compile": RetroMAELoss(compile=True), as `pretrain --compile` runs it (the encoder
                 # and decoder compiled; masking, length groups and the chunked cross-entropy eager).
-                # "ours-packed": RetroMAELoss(packed=True), the encoder on real tokens only.
-                self.loss = RetroMAELoss(
-                    model, compile=name.endswith("compile"), packed=name.endswith("packed")
-                ).to(device)
+                # "ours": the defaults (packed="auto": packed from hidden size 256 on CPU).
+                # "ours-packed": RetroMAELoss(packed=True), the encoder on real tokens only at any size.
+                # "ours-groups": RetroMAELoss(packed=False), length groups only.
+                packed = {"packed": True, "groups": False}.get(name.rsplit("-", 1)[-1], "auto")
+                self.loss = RetroMAELoss(model, compile=name.endswith("compile"), packed=packed).to(device)
             self.loss.callback_attached = True  # no trainer here: silence the missing-callback warning
             self.collator = PaddingCollator(tokenizer)
             self.module: nn.Module = self.loss
@@ -637,7 +638,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--extra",
         default="",
-        help="extra variants of ours, comma list of bf16 (CPU autocast), compile, packed",
+        help="extra variants of ours, comma list of bf16 (CPU autocast), compile, packed (packed=True), "
+        "groups (packed=False: length groups only)",
     )
     parser.add_argument("--docs", type=int, default=None, help="use only the first N documents")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -663,8 +665,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if size not in SIZES:
             parser.error(f"unknown size {size!r}: choose from {sorted(SIZES)}")
     for extra in args.extra:
-        if extra not in ("bf16", "compile", "packed"):
-            parser.error(f"unknown extra variant {extra!r}: choose bf16, compile or packed")
+        if extra not in ("bf16", "compile", "packed", "groups"):
+            parser.error(f"unknown extra variant {extra!r}: choose bf16, compile, packed or groups")
     args.name = args.name or ("pretrain_throughput_quick" if args.quick else "pretrain_throughput")
     return args
 
@@ -691,8 +693,9 @@ def markdown(report: dict[str, Any]) -> str:
         "GFLOP/s.",
         "",
         "Step = collate + forward + backward + clip + AdamW (fused, the trainer's default, both). Same batches for both (random windows, each batch "
-        "padded to its longest; ours then runs it as up to 4 length groups, each padded to its own longest "
-        "row, `RetroMAELoss(max_length_groups=4)`, the default; pad % is the batch's). Times: mean over the timed steps, variants interleaved step by step. "
+        "padded to its longest; ours, with its defaults, runs the encoder packed on the real tokens from hidden size 256 "
+        '(`packed="auto"`) and the rest as up to 4 length groups, each padded to its own longest row '
+        "(`max_length_groups=4`); `ours-groups`: length groups only; pad % is the batch's). Times: mean over the timed steps, variants interleaved step by step. "
         "Peak RSS: each variant alone in a subprocess, two steps on the longest batch of the schedule.",
         "",
         "| size | L | vocab | batch | pad % | variant | s/step (median) | real tok/s | GFLOP/s | % fp32 peak "

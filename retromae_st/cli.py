@@ -239,9 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pre.add_argument(
         "--packed",
-        action="store_true",
+        nargs="?",
+        const=True,
+        default="auto",
+        type=_auto_or_bool,
+        metavar="{auto,true,false}",
         help="run the encoder on each batch's real tokens only, packed into one stream (BERT, RoBERTa, "
-        "XLM-R, DistilBERT, ELECTRA, ModernBERT; others fall back to length groups)",
+        "XLM-R, DistilBERT, ELECTRA, ModernBERT; others fall back to length groups); default auto: where "
+        "it pays (CUDA, or hidden size >= 256 on CPU); --packed alone: true",
     )
     _training(pre, lr=1e-4, batch=32)
     _common(pre)
@@ -408,6 +413,13 @@ def _auto_or_count(value: str) -> int | str:
     if number < 0:
         raise argparse.ArgumentTypeError(f"{value!r}: use 'auto' or a whole number >= 0")
     return number
+
+
+def _auto_or_bool(value: str) -> bool | str:
+    choices = {"auto": "auto", "true": True, "on": True, "false": False, "off": False}
+    if value.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"expected auto, true or false, got {value!r}")
+    return choices[value.lower()]
 
 
 def _auto_or_factor(value: str) -> float | str:

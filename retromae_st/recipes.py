@@ -94,10 +94,11 @@ class RetroMAEOptions(_Section):
         default=False,
         description="run the encoder and decoder through torch.compile (masking and losses stay eager)",
     )
-    packed: bool = Field(
-        default=False,
+    packed: bool | Literal["auto"] = Field(
+        default="auto",
         description="run the encoder on the batch's real tokens only, packed into one stream with per-row "
-        "attention (BERT, RoBERTa, XLM-R, DistilBERT, ELECTRA, ModernBERT; others: length groups)",
+        "attention (BERT, RoBERTa, XLM-R, DistilBERT, ELECTRA, ModernBERT; others: length groups); auto: "
+        "where it pays (CUDA, or hidden size >= 256 on CPU)",
     )
 
 

@@ -11,8 +11,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from retromae_st.errors import UserInputError
+from retromae_st.models import Preset, build_model
 from retromae_st.pretraining import packing
-from retromae_st.pretraining.loss import RetroMAELoss
+from retromae_st.pretraining.loss import RetroMAELoss, _packing_pays
 from retromae_st.pretraining.unpadding import plan_length_groups
 
 ARCHITECTURES = ["bert", "roberta", "modernbert", "distilbert", "electra"]
@@ -222,7 +223,20 @@ def test_unpadded_batches_and_refusals_run_as_length_groups(tiny_model, packed_c
     assert loss.packing_refused is not None and "compile" in caplog.text
     assert RetroMAELoss(tiny_model, packed="auto").packing_refused is None
     assert RetroMAELoss(tiny_model, packed="auto").get_config_dict()["packed"] == "auto"
-    assert RetroMAELoss(tiny_model).get_config_dict()["packed"] is False
+    assert RetroMAELoss(tiny_model).get_config_dict()["packed"] == "auto"
+
+
+@pytest.mark.parametrize(("hidden", "packs"), [(128, False), (256, True)])
+def test_auto_packs_on_cpu_from_hidden_size_256(tokenizer, tmp_path, packed_calls, hidden, packs):
+    """The default ``packed="auto"`` packs where it was measured to pay on CPU (hidden >= 256), silently
+    runs length groups below it, and packs at any size on CUDA."""
+    preset = Preset(layers=1, hidden=hidden, heads=2, intermediate=2 * hidden, max_positions=64)
+    model = build_model(preset, tokenizer, max_seq_length=64, save_dir=tmp_path / "init", seed=0)
+    loss = RetroMAELoss(model)
+    assert loss.packing_refused is None  # BERT can pack; "auto" decides per call
+    loss([_features(model)])
+    assert bool(packed_calls) is packs
+    assert _packing_pays(hidden, torch.device("cuda"))
 
 
 def test_unknown_architectures_run_as_length_groups(tiny_model, monkeypatch, packed_calls):
@@ -288,6 +302,10 @@ def test_packed_reaches_the_loss_from_the_cli_and_from_recipes():
     parse = build_parser().parse_args
     common = ["pretrain", "--model", "retromae-tiny", "--corpus", "c.txt", "--output", "o"]
     assert _loss_kwargs(parse([*common, "--packed"]))["packed"] is True
-    assert _loss_kwargs(parse(common))["packed"] is False
+    assert _loss_kwargs(parse([*common, "--packed", "false"]))["packed"] is False
+    assert _loss_kwargs(parse([*common, "--packed", "auto"]))["packed"] == "auto"
+    assert _loss_kwargs(parse(common))["packed"] == "auto"
+    with pytest.raises(SystemExit):
+        parse([*common, "--packed", "always"])
     assert RetroMAEOptions(packed=True).model_dump()["packed"] is True
-    assert RetroMAEOptions().model_dump()["packed"] is False
+    assert RetroMAEOptions().model_dump()["packed"] == "auto"
