@@ -2,7 +2,9 @@
 ``finetuning/``): ``import retromae_st.loss`` and ``from retromae_st.corpus import PaddingCollator`` keep
 working, with a :class:`DeprecationWarning` naming the new module. They are removed in 0.3.
 
-One import hook instead of eleven stub files, so the folder listing shows only the new layout.
+One import hook instead of ten stub files, so the folder listing shows only the new layout.
+``retromae_st.finetune`` is not among them: that name is now the stage-2 function, exported from
+``retromae_st`` (its 0.1.0 module is ``retromae_st.finetuning.*``).
 """
 
 from __future__ import annotations
@@ -32,12 +34,6 @@ MOVED: dict[str, tuple[str, ...]] = {
     "retromae_st.unpadding": ("retromae_st.pretraining.unpadding",),
     "retromae_st.loss": ("retromae_st.pretraining.loss",),
     "retromae_st.training": ("retromae_st.pretraining.training",),
-    "retromae_st.finetune": (
-        "retromae_st.finetuning.pairs",
-        "retromae_st.finetuning.negatives",
-        "retromae_st.finetuning.train",
-        "retromae_st.finetuning.model_card",
-    ),
 }
 
 

@@ -255,7 +255,7 @@ def test_invalid_packed_option_is_refused(tiny_model):
 
 def test_activation_checkpointing_runs_as_length_groups(tiny_model, packed_calls):
     """Checkpointed layers recompute in backward, after the packed call: that must not run packed."""
-    tiny_model[0].auto_model.gradient_checkpointing_enable()
+    tiny_model[0].auto_model.activation_checkpointing_enable()
     loss = RetroMAELoss(tiny_model, packed=True)
     assert "checkpointing" in loss.packing_refused
     loss([_features(tiny_model)])["decoder"].backward()
