@@ -42,7 +42,9 @@ def test_finetune_stays_the_stage_2_function():
     import retromae_st
 
     assert "retromae_st.finetune" not in MOVED
-    assert callable(retromae_st.finetune) and retromae_st.finetune.__module__ == "retromae_st.finetuning.train"
+    assert (
+        callable(retromae_st.finetune) and retromae_st.finetune.__module__ == "retromae_st.finetuning.train"
+    )
 
 
 def test_unknown_name_names_the_new_modules():

@@ -490,7 +490,9 @@ def pretrain(
     if gradient_checkpointing:
         encoder = model[0].auto_model
         # transformers 5.x renamed it (the old name warns and goes away in 6); early 5.x has only the old one.
-        enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
+        enable = (
+            getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
+        )
         enable()
     resume_from = (
         last_complete_checkpoint(checkpoint_dir, (TRAINER_STATE, LOSS_WEIGHTS_NAME)) if resume else None
