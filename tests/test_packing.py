@@ -13,7 +13,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from retromae_st.errors import UserInputError
 from retromae_st.models import Preset, build_model
 from retromae_st.pretraining import packing
-from retromae_st.pretraining.loss import RetroMAELoss, _packing_pays
+from retromae_st.pretraining.loss import RetroMAELoss
 from retromae_st.pretraining.unpadding import plan_length_groups
 
 ARCHITECTURES = ["bert", "roberta", "modernbert", "distilbert", "electra"]
@@ -236,7 +236,7 @@ def test_auto_packs_on_cpu_from_hidden_size_256(tokenizer, tmp_path, packed_call
     assert loss.packing_refused is None  # BERT can pack; "auto" decides per call
     loss([_features(model)])
     assert bool(packed_calls) is packs
-    assert _packing_pays(hidden, torch.device("cuda"))
+    assert packing.packing_pays(hidden, torch.device("cuda"))
 
 
 def test_unknown_architectures_run_as_length_groups(tiny_model, monkeypatch, packed_calls):

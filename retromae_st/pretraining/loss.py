@@ -50,7 +50,14 @@ from retromae_st.pretraining.masking import (
     labelled_positions,
     word_ids,
 )
-from retromae_st.pretraining.packing import attention_backend, pack_inputs, pack_rows, packable, packed_call
+from retromae_st.pretraining.packing import (
+    attention_backend,
+    pack_inputs,
+    pack_rows,
+    packable,
+    packed_call,
+    packing_pays,
+)
 from retromae_st.pretraining.unpadding import plan_length_groups, select_rows
 
 logger = logging.getLogger(__name__)
@@ -457,7 +464,7 @@ class RetroMAELoss(nn.Module):
         attention_mask = features["attention_mask"]  # [B, L]
         if not self.packed or self.packing_refused is not None or bool(attention_mask.bool().all()):
             return None  # off, not possible, or nothing to gain: no padding
-        if self.packed == "auto" and not _packing_pays(adapter.hidden_size, attention_mask.device):
+        if self.packed == "auto" and not packing_pays(adapter.hidden_size, attention_mask.device):
             return None
         if not bool(attention_mask.bool().any(dim=1).all()):
             return None  # an empty row has no token to stand for it in the stream
@@ -880,17 +887,6 @@ def check_loss_options(
         raise UserInputError(f"compile={compile!r} must be true or false.")
     if not isinstance(packed, bool) and packed != "auto":
         raise UserInputError(f"packed={packed!r} must be true, false or 'auto'.")
-
-
-# Below this hidden size a packed encoder call is slower on CPU than length groups: its per-bucket
-# attention calls and gathers cost more than the padding they skip (2 cores, L=128: hidden 128 -4%,
-# 256 +5-10%, 768 +22%; benchmarks/results/pretrain_throughput_packed_*.md).
-PACKING_MIN_HIDDEN_CPU = 256
-
-
-def _packing_pays(hidden_size: int, device: torch.device) -> bool:
-    """Whether ``packed="auto"`` packs: always on CUDA (varlen kernels), on CPU from a hidden size up."""
-    return device.type == "cuda" or hidden_size >= PACKING_MIN_HIDDEN_CPU
 
 
 def _packing_refusal(packed: bool | str, compiled: bool, encoder: nn.Module) -> str | None:

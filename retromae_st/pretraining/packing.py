@@ -127,6 +127,17 @@ def packable(model: nn.Module) -> str | None:
     return None
 
 
+# Below this hidden size a packed encoder call is slower on CPU than length groups: its per-bucket
+# attention calls and gathers cost more than the padding they skip (2 cores, L=128: hidden 128 -4%,
+# 256 +5-10%, 768 +22%; benchmarks/results/pretrain_throughput_packed_*.md).
+PACKING_MIN_HIDDEN_CPU = 256
+
+
+def packing_pays(hidden_size: int, device: torch.device) -> bool:
+    """Whether ``packed="auto"`` packs: always on CUDA (varlen kernels), on CPU from a hidden size up."""
+    return device.type == "cuda" or hidden_size >= PACKING_MIN_HIDDEN_CPU
+
+
 def pack_rows(
     attention_mask: torch.Tensor, max_buckets: int = ATTENTION_BUCKETS, hidden_size: int = 768
 ) -> PackedRows:
