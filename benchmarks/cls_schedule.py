@@ -118,8 +118,10 @@ def h_gain(
         h = loss.model({**probe, "input_ids": enc_ids})["sentence_embedding"]
         adapter = loss.encoder()
 
+        content = adapter.content_stream(input_ids, probe.get("token_type_ids"))  # [B, L, D]
+
         def decoder_loss(sentence: torch.Tensor) -> float:
-            states = loss._enhanced(adapter, probe, sentence, visible)
+            states = loss._enhanced(adapter, content, sentence, visible)
             s, t = labelled_positions(states, targets)
             return float(loss.head.loss(s, t, adapter.word_embeddings.weight, loss.chunk_rows))
 

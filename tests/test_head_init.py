@@ -255,9 +255,9 @@ def test_h_is_the_retrieval_vector_after_normalize(tokenizer, tmp_path, caplog):
     seen = []
     original = loss._enhanced
 
-    def spy(adapter, features, sentence_embedding, visible):
+    def spy(adapter, content, sentence_embedding, visible):
         seen.append(sentence_embedding.detach())
-        return original(adapter, features, sentence_embedding, visible)
+        return original(adapter, content, sentence_embedding, visible)
 
     loss._enhanced = spy
     loss.callback_attached = True

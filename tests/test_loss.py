@@ -132,6 +132,35 @@ def test_chunked_cross_entropy_matches_full():
         assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_chunked_cross_entropy_under_bf16_autocast_is_close_to_fp32():
+    """Under CPU autocast the vocabulary products run in bf16 (the table cast once per call); the loss and
+    the gradients stay within bf16 rounding of fp32 and keep their inputs' dtypes."""
+    torch.manual_seed(0)
+    x = torch.randn(37, 16, requires_grad=True)
+    weight = (0.3 * torch.randn(200, 16)).requires_grad_()
+    bias = torch.randn(200, requires_grad=True)
+    labels = torch.randint(0, 200, (37,))
+    full = torch.nn.functional.cross_entropy(x @ weight.t() + bias, labels)
+    expected = torch.autograd.grad(full, (x, weight, bias))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked = ChunkedLinearCrossEntropy.apply(x, weight, bias, labels, 8)
+    grads = torch.autograd.grad(chunked, (x, weight, bias))
+    assert chunked.dtype == torch.float32
+    assert abs(chunked.item() - full.item()) < 0.02 * full.item()
+    for got, want, tensor in zip(grads, expected, (x, weight, bias)):
+        assert got.dtype == tensor.dtype
+        assert (got - want).norm() < 0.03 * want.norm()
+
+
+def test_chunked_cross_entropy_refuses_a_second_backward():
+    x = torch.randn(6, 4, requires_grad=True)
+    weight = torch.randn(10, 4, requires_grad=True)
+    loss = ChunkedLinearCrossEntropy.apply(x, weight, torch.zeros(10), torch.randint(0, 10, (6,)), 4)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
 def test_chunked_max_pool_matches_full():
     torch.manual_seed(0)
     x = torch.randn(3, 11, 8, requires_grad=True)

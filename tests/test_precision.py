@@ -76,3 +76,28 @@ def test_tiny_bf16_finetune_on_cpu_runs_with_a_finite_loss(tokenizer, tmp_path):
     rows = log["log_history"] if isinstance(log, dict) else log
     losses = [row["loss"] for row in rows if "loss" in row]
     assert losses and all(math.isfinite(loss) for loss in losses)
+
+
+def test_bf16_loss_is_within_tolerance_of_fp32_on_a_tiny_model(tokenizer, tmp_path):
+    """The same step (same masks: same seed; no dropout: eval mode) under CPU bf16 autocast and in fp32."""
+    from retromae_st.pretraining.loss import RetroMAELoss
+
+    model = build_model(TINY, tokenizer, max_seq_length=32, save_dir=tmp_path / "init", seed=0)
+    loss = RetroMAELoss(model)
+    loss.callback_attached = True
+    loss.eval()
+    features = {
+        key: value for key, value in model.preprocess(make_texts(8, seed=3)).items() if torch.is_tensor(value)
+    }
+
+    def step(bf16: bool) -> dict[str, float]:
+        torch.manual_seed(11)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            parts = loss([features])
+        return {name: value.item() for name, value in parts.items()}
+
+    fp32, bf16 = step(False), step(True)
+    assert fp32.keys() == bf16.keys() == {"encoder_mlm", "decoder"}
+    for name in fp32:
+        assert math.isfinite(bf16[name])
+        assert abs(bf16[name] - fp32[name]) < 0.02 * fp32[name], (name, fp32[name], bf16[name])

@@ -396,6 +396,9 @@ class RetroMAELoss(nn.Module):
         batch, width = input_ids.shape
         # Packed: one encoder call on the real tokens, unpacked to [B, L, D]; None: one call per group.
         packed_output = self._encode_packed(features, encoder_ids, adapter, encoder_grad)
+        # The decoder's content stream in one embedding call for the whole batch ([B, L, D]; each group
+        # slices its rows): one [V, D] gradient for the embedding table per step, not one per group.
+        content = self._content_stream(adapter, decoder_ids, features.get("token_type_ids"))
         encoder_parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (states [n, D], labels [n])
         decoder_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         bow_sum = None
@@ -424,9 +427,13 @@ class RetroMAELoss(nn.Module):
             # Decoder: h and the unmasked text (enhanced) or a masked copy (basic) -> states [b, l, D].
             if visible is not None:
                 group_visible = visible[rows, :length, :length]  # [b, l, l]
-                decoder_states = self._enhanced(adapter, part, sentence_embedding, group_visible)
+                decoder_states = self._enhanced(
+                    adapter, content[rows, :length], sentence_embedding, group_visible
+                )
             else:
-                decoder_states = self._basic(adapter, part, sentence_embedding, decoder_ids[rows, :length])
+                decoder_states = self._basic(
+                    content[rows, :length], sentence_embedding, part["attention_mask"]
+                )
             decoder_parts.append(labelled_positions(decoder_states, targets[rows, :length]))
 
             if self.bow_weight > 0:
@@ -449,7 +456,9 @@ class RetroMAELoss(nn.Module):
         if diagnose:
             self.diagnostics_due = False
             target = visible if visible is not None else decoder_ids
-            self.last_diagnostics = self._diagnostics(adapter, seen, target, targets, losses["decoder"])
+            self.last_diagnostics = self._diagnostics(
+                adapter, seen, content.detach(), target, targets, losses["decoder"]
+            )
         return losses
 
     def _encode_packed(
@@ -490,13 +499,14 @@ class RetroMAELoss(nn.Module):
         self,
         adapter: EncoderAdapter,
         seen: list[tuple[Any, dict[str, torch.Tensor], torch.Tensor]],
+        content: torch.Tensor,
         decoder_input: torch.Tensor,
         targets: torch.Tensor,
         decoder_loss: torch.Tensor,
     ) -> dict[str, float]:
         """The decoder loss again, each row reading another row's h (same masks, same targets), minus the
-        true one; and the mean pairwise cosine of h. ``decoder_input``: the visibility [B, L, L] (enhanced)
-        or the masked ids [B, L] (basic)."""
+        true one; and the mean pairwise cosine of h. ``content``: the step's content stream [B, L, D];
+        ``decoder_input``: the visibility [B, L, L] (enhanced) or the masked ids [B, L] (basic)."""
         first = seen[0][2]
         batch = targets.shape[0]
         h = torch.empty(batch, first.shape[-1], dtype=first.dtype, device=first.device)  # [B, D]
@@ -512,9 +522,9 @@ class RetroMAELoss(nn.Module):
                 rows, length = group.rows, group.length
                 if self.decoding == "enhanced":
                     visible = decoder_input[rows, :length, :length]
-                    states = self._enhanced(adapter, part, swapped[rows], visible)
+                    states = self._enhanced(adapter, content[rows, :length], swapped[rows], visible)
                 else:
-                    states = self._basic(adapter, part, swapped[rows], decoder_input[rows, :length])
+                    states = self._basic(content[rows, :length], swapped[rows], part["attention_mask"])
                 parts.append(labelled_positions(states, targets[rows, :length]))
         shuffled = self._mlm_loss(parts, adapter.word_embeddings.weight)
         return {
@@ -613,17 +623,14 @@ class RetroMAELoss(nn.Module):
     def _enhanced(
         self,
         adapter: EncoderAdapter,
-        features: dict[str, torch.Tensor],
+        content: torch.Tensor,
         sentence_embedding: torch.Tensor,
         visible: torch.Tensor,
     ) -> torch.Tensor:
-        """Two-stream decoding: the query stream (h + position) attends to the content stream under the
-        per-position visibility [B, L, L]; returns the query stream's states [B, L, D]."""
-        input_ids = features["input_ids"]
-        length = input_ids.shape[1]
-        content = self._embed(
-            adapter, input_ids, features.get("token_type_ids"), sentence_embedding
-        )  # [B, L, D]
+        """Two-stream decoding: the query stream (h + position) attends to the content stream [B, L, D]
+        under the per-position visibility [B, L, L]; returns the query stream's states [B, L, D]."""
+        length = content.shape[1]
+        content = self._with_h(content, sentence_embedding)  # [B, L, D]
         if self.query_stream_form == "layernorm":
             query = adapter.query_stream(sentence_embedding, length, self.decoder.position_embeddings)
         else:
@@ -631,28 +638,26 @@ class RetroMAELoss(nn.Module):
         return self._maybe_compiled("enhanced", self.decoder.enhanced)(query, content, visible)
 
     def _basic(
-        self,
-        adapter: EncoderAdapter,
-        features: dict[str, torch.Tensor],
-        sentence_embedding: torch.Tensor,
-        masked_ids: torch.Tensor,
+        self, content: torch.Tensor, sentence_embedding: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
-        """Basic decoding: self-attention over h and a masked copy of the text; states [B, L, D]."""
-        hidden = self._embed(adapter, masked_ids, features.get("token_type_ids"), sentence_embedding)
-        return self._maybe_compiled("basic", self.decoder.basic)(hidden, features["attention_mask"])
+        """Basic decoding: self-attention over h and the masked copy's content stream [B, L, D]; states
+        [B, L, D]."""
+        hidden = self._with_h(content, sentence_embedding)
+        return self._maybe_compiled("basic", self.decoder.basic)(hidden, attention_mask)
 
-    def _embed(
-        self,
-        adapter: EncoderAdapter,
-        input_ids: torch.Tensor,
-        token_type_ids: torch.Tensor | None,
-        sentence_embedding: torch.Tensor,
+    def _content_stream(
+        self, adapter: EncoderAdapter, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None
     ) -> torch.Tensor:
-        """The content stream: the encoder's embedding module on ``input_ids``, h in position 0."""
+        """The encoder's embedding module on the decoder's ids (the text, or its masked copy in basic
+        decoding): [B, L] -> [B, L, D]."""
         with torch.no_grad() if self._frozen_now else contextlib.nullcontext():
-            content = adapter.content_stream(input_ids, token_type_ids)  # [B, L, D]
-        if self.decoder.position_embeddings is not None:  # rotary encoders: add the decoder's positions
-            content = content + self.decoder.position_embeddings.weight[: input_ids.shape[1]]
+            return adapter.content_stream(input_ids, token_type_ids)
+
+    def _with_h(self, content: torch.Tensor, sentence_embedding: torch.Tensor) -> torch.Tensor:
+        """The content stream [B, L, D] with h in position 0 (and, for rotary encoders, the decoder's own
+        positions added)."""
+        if self.decoder.position_embeddings is not None:
+            content = content + self.decoder.position_embeddings.weight[: content.shape[1]]
         return torch.cat([sentence_embedding.unsqueeze(1).to(content.dtype), content[:, 1:]], dim=1)
 
     def _bow_loss(
