@@ -179,6 +179,19 @@ def test_chunked_max_pool_matches_full():
         assert torch.allclose(got, want, atol=1e-4)
 
 
+def test_chunked_max_pool_under_bf16_autocast_is_close_to_fp32():
+    torch.manual_seed(0)
+    x = torch.randn(3, 11, 8)
+    weight = torch.randn(20, 8)
+    bias = torch.randn(20)
+    valid = torch.ones(3, 11, dtype=torch.bool)
+    full = ChunkedMaxPooledLogits.apply(x, weight, bias, valid, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pooled = ChunkedMaxPooledLogits.apply(x, weight, bias, valid, 4)
+    assert pooled.dtype == torch.float32
+    assert (pooled - full).abs().max() < 0.05 * full.abs().max()
+
+
 # -- architectures -------------------------------------------------------------------------------------
 
 

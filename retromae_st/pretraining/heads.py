@@ -150,16 +150,20 @@ class ChunkedMaxPooledLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, valid, chunk_positions):  # type: ignore[override]
         batch, positions, _ = x.shape
+        device = x.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         best = torch.full((batch, weight.shape[0]), float("-inf"), device=x.device)
         where = torch.zeros((batch, weight.shape[0]), dtype=torch.long, device=x.device)
-        for start in range(0, positions, chunk_positions):
-            logits = torch.matmul(x[:, start : start + chunk_positions], weight.t().to(x.dtype)).float()
-            logits = logits + bias.float()  # [B, c, V]
-            logits.masked_fill_(~valid[:, start : start + chunk_positions].unsqueeze(-1), float("-inf"))
-            chunk_best, chunk_where = logits.max(dim=1)  # [B, V]
-            better = chunk_best > best
-            best = torch.where(better, chunk_best, best)
-            where = torch.where(better, chunk_where + start, where)
+        with torch.autocast(device, enabled=False):  # the table cast once, not by autocast per chunk
+            x_c, weight_t, bias_f = x.to(compute), weight.t().to(compute), bias.float()  # [B, P, D] [D, V]
+            for start in range(0, positions, chunk_positions):
+                logits = torch.matmul(x_c[:, start : start + chunk_positions], weight_t).float()
+                logits = logits + bias_f  # [B, c, V]
+                logits.masked_fill_(~valid[:, start : start + chunk_positions].unsqueeze(-1), float("-inf"))
+                chunk_best, chunk_where = logits.max(dim=1)  # [B, V]
+                better = chunk_best > best
+                best = torch.where(better, chunk_best, best)
+                where = torch.where(better, chunk_where + start, where)
         ctx.save_for_backward(x, weight, where)
         ctx.chunk_positions = chunk_positions
         ctx.bias_dtype = bias.dtype
