@@ -24,6 +24,12 @@ def default_chunk_rows(vocab_size: int) -> int:
     return max(64, _CHUNK_ELEMENTS // max(vocab_size, 1))
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run x's matrix products in (x's own dtype outside autocast)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class MLMHead(nn.Module):
     """BERT's prediction head: transform (dense, activation, layer norm), then the vocab projection.
 
@@ -97,8 +103,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, labels, chunk_rows):  # type: ignore[override]
-        device = x.device.type
-        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        device, compute = x.device.type, compute_dtype(x)
         rows = labels.numel()
         need_grad = any(ctx.needs_input_grad[:3])
         with torch.autocast(device, enabled=False):  # every cast below is explicit
@@ -150,8 +155,7 @@ class ChunkedMaxPooledLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, valid, chunk_positions):  # type: ignore[override]
         batch, positions, _ = x.shape
-        device = x.device.type
-        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        device, compute = x.device.type, compute_dtype(x)
         best = torch.full((batch, weight.shape[0]), float("-inf"), device=x.device)
         where = torch.zeros((batch, weight.shape[0]), dtype=torch.long, device=x.device)
         with torch.autocast(device, enabled=False):  # the table cast once, not by autocast per chunk

@@ -455,9 +455,8 @@ class RetroMAELoss(nn.Module):
             self._maybe_end_head_warmup(losses)
         if diagnose:
             self.diagnostics_due = False
-            target = visible if visible is not None else decoder_ids
             self.last_diagnostics = self._diagnostics(
-                adapter, seen, content.detach(), target, targets, losses["decoder"]
+                adapter, seen, content, visible, targets, losses["decoder"]
             )
         return losses
 
@@ -500,13 +499,13 @@ class RetroMAELoss(nn.Module):
         adapter: EncoderAdapter,
         seen: list[tuple[Any, dict[str, torch.Tensor], torch.Tensor]],
         content: torch.Tensor,
-        decoder_input: torch.Tensor,
+        visible: torch.Tensor | None,
         targets: torch.Tensor,
         decoder_loss: torch.Tensor,
     ) -> dict[str, float]:
         """The decoder loss again, each row reading another row's h (same masks, same targets), minus the
         true one; and the mean pairwise cosine of h. ``content``: the step's content stream [B, L, D];
-        ``decoder_input``: the visibility [B, L, L] (enhanced) or the masked ids [B, L] (basic)."""
+        ``visible``: the enhanced decoder's visibility [B, L, L] (None in basic decoding)."""
         first = seen[0][2]
         batch = targets.shape[0]
         h = torch.empty(batch, first.shape[-1], dtype=first.dtype, device=first.device)  # [B, D]
@@ -520,9 +519,9 @@ class RetroMAELoss(nn.Module):
         with torch.random.fork_rng(devices=devices):
             for group, part, _ in seen:
                 rows, length = group.rows, group.length
-                if self.decoding == "enhanced":
-                    visible = decoder_input[rows, :length, :length]
-                    states = self._enhanced(adapter, content[rows, :length], swapped[rows], visible)
+                if visible is not None:
+                    group_visible = visible[rows, :length, :length]
+                    states = self._enhanced(adapter, content[rows, :length], swapped[rows], group_visible)
                 else:
                     states = self._basic(content[rows, :length], swapped[rows], part["attention_mask"])
                 parts.append(labelled_positions(states, targets[rows, :length]))
