@@ -202,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="pooling of the result (default: cls for a preset or a plain transformers checkpoint, the "
         "model's own for a Sentence-Transformers model; a different one replaces its Pooling module)",
     )
+    pre.add_argument(
+        "--attention-init-gain",
+        type=_gain_or_bert,
+        default="default",
+        help="a preset's attention value/output projections start at std GAIN/sqrt(hidden), so [CLS] carries the "
+        "text from the first step (default 1; 'bert': BERT's std 0.02, under which a from-scratch [CLS] does "
+        "not learn); presets only",
+    )
     pre.add_argument("--pack", action="store_true", help="pack short documents into full windows")
     pre.add_argument(
         "--encoder-mask-ratio", type=float, default=0.3, help="encoder masking ratio (0-1, default 0.3)"
@@ -361,6 +369,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         save_steps=args.save_steps, logging_steps=args.logging_steps, bf16=args.bf16,
         hidden_size=PRESETS[args.model].hidden if args.model in PRESETS else None,
     )  # fmt: skip
+    if args.attention_init_gain != "default" and args.model not in PRESETS:
+        raise UserInputError(
+            f"--attention-init-gain applies to a preset built from scratch, not to {args.model!r}: drop it."
+        )
     output = Path(args.output)
     ensure_can_write(output / "final", args.overwrite)
     add_file_logging(output)
@@ -422,6 +434,22 @@ def _auto_or_bool(value: str) -> bool | str:
     return choices[value.lower()]
 
 
+def _gain_or_bert(value: str) -> float | str | None:
+    """``bert`` (None: BERT's initialisation) or a number in (0, 10] (argparse type; ``default``, the
+    option's default, passes through: argparse converts string defaults too)."""
+    if value == "default":
+        return value
+    if value.lower() == "bert":
+        return None
+    try:
+        gain = float(value)
+    except ValueError:
+        gain = -1.0
+    if not 0 < gain <= 10:
+        raise argparse.ArgumentTypeError(f"expected 'bert' or a number in (0, 10], got {value!r}")
+    return gain
+
+
 def _auto_or_factor(value: str) -> float | str:
     if value == "auto":
         return value
@@ -470,7 +498,7 @@ def _preset_model(args: argparse.Namespace, output: Path, texts: list[str], reus
         tokenizer = train_wordpiece_tokenizer(texts, vocab_size=args.vocab_size)
     return build_model(
         args.model, tokenizer, max_seq_length=args.max_seq_length, pooling=args.pooling, save_dir=earlier,
-        seed=args.seed,
+        seed=args.seed, attention_init_gain=args.attention_init_gain,
     )  # fmt: skip
 
 

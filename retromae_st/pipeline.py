@@ -385,7 +385,7 @@ def initial_model(run: Run) -> SentenceTransformer:
     with atomic_dir(run.init, overwrite=True) as tmp:
         model = build_model(
             spec.preset, tokenizer, max_seq_length=spec.max_seq_length, pooling=spec.pooling,
-            save_dir=tmp / "weights", seed=run.recipe.seed,
+            save_dir=tmp / "weights", seed=run.recipe.seed, attention_init_gain=spec.attention_init_gain,
         )  # fmt: skip
         model.save_pretrained(str(tmp))
         shutil.rmtree(tmp / "weights")

@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from retromae_st.errors import UserInputError
 
+# models.PRESET_ATTENTION_INIT_GAIN, repeated so that reading a recipe does not import torch (a test checks
+# that the two agree).
+PRESET_ATTENTION_INIT_GAIN = 1.0
 PYTHON_DOCS = "python-docs"  # the embedded corpus and pairs of the offline quickstart
 
 
@@ -44,6 +47,13 @@ class ModelSection(_Section):
     pooling: Literal["cls", "mean"] | None = Field(
         default=None, description="default: cls for a preset, the model's own for name_or_path"
     )
+    attention_init_gain: float | None = Field(
+        default=PRESET_ATTENTION_INIT_GAIN,
+        gt=0,
+        le=10,
+        description="a preset's attention value/output projections start at std gain/sqrt(hidden) so that "
+        "[CLS] carries the text from the first step; null: BERT's std 0.02 (presets only)",
+    )
     trust_remote_code: bool = False
     allow_pickle: bool = False
 
@@ -52,6 +62,11 @@ class ModelSection(_Section):
         if (self.preset is None) == (self.name_or_path is None):
             raise ValueError(
                 "set exactly one of model.preset (from scratch) or model.name_or_path (existing encoder)"
+            )
+        if self.name_or_path is not None and "attention_init_gain" in self.model_fields_set:
+            raise ValueError(
+                "model.attention_init_gain applies to a preset built from scratch, not to model.name_or_path: "
+                "remove it"
             )
         return self
 
