@@ -21,7 +21,11 @@ Arms (``<name>``: stage 1, pooling):
 * ``enc<start>-<N>``: encoder mask ratio start/100 annealed to 0.3 over N steps.
 * ``mix<a>-<N>``: the decoder reads (1 - a_t) CLS + a_t mean-pooled tokens, a_t from a/100 to 0 over N steps.
 * ``hbn``: the decoder reads h standardised across the batch (per dimension) during stage 1.
-* ``lr<x>``: stage-1 learning rate x. Parts combine with ``+`` (e.g. ``mix100-200+dec100-150+lr1e-3``).
+* ``init<g>``: the presets' scaled attention init at gain g/100 (``models.scale_attention_init``); without
+  it every arm starts from BERT's init (std 0.02), as the first table's arms did.
+* ``retromae-mean``: RetroMAE with mean pooling (the decoder reads the mean vector).
+* ``lr<x>``: stage-1 learning rate x; ``s2lr<x>``: stage-2 learning rate x.
+  Parts combine with ``+`` (e.g. ``retromae-cls+init100+lr1e-3``, ``none-cls+init100``).
 
 Every run writes ``<work>/records/<arm>-s<seed>.json``; ``--report`` gathers them into
 ``benchmarks/results/<name>.{json,md}``. Examples::
@@ -184,13 +188,18 @@ class HGainProbe(TrainerCallback):
 def parse_arm(arm: str) -> dict[str, Any]:
     """``<part>[+<part>...]``: the parts of an arm name combine (see the module docstring)."""
     spec: dict[str, Any] = {"arm": arm, "lr": None}
-    if arm in ("none-cls", "none-mean"):
-        spec.update(method="none", pooling=arm.split("-")[1])
-        return spec
     spec.update(method="retromae", pooling="cls")
     for part in arm.split("+"):
         if part == "retromae-cls":
             pass
+        elif part == "retromae-mean":
+            spec["pooling"] = "mean"
+        elif part in ("none-cls", "none-mean"):
+            spec.update(method="none", pooling=part.split("-")[1])
+        elif m := re.fullmatch(r"init(\d+)", part):
+            spec["value_gain"] = int(m[1]) / 100
+        elif m := re.fullmatch(r"s2lr([0-9.e-]+)", part):
+            spec["stage2_lr"] = float(m[1])
         elif m := re.fullmatch(r"lr([0-9.e-]+)", part):
             spec["lr"] = float(m[1])
         elif m := re.fullmatch(r"dec(\d+)-(\d+)", part):
@@ -281,7 +290,12 @@ def run(arm: str, seed: int, args: argparse.Namespace, work: Path) -> dict[str, 
     run_dir = work / f"{arm}-s{seed}"
     init_dir = run_dir / "init"
     if not (args.reuse_stage1 and (run_dir / "stage1" / "final").is_dir()):
-        build_model(args.preset, tokenizer, max_seq_length=args.max_len, save_dir=init_dir, seed=seed)
+        # BERT's init (std 0.02) unless the arm names a gain: the arms of the first table predate the presets'
+        # scaled attention init (models.scale_attention_init).
+        build_model(
+            args.preset, tokenizer, max_seq_length=args.max_len, save_dir=init_dir, seed=seed,
+            attention_init_gain=spec.get("value_gain"),
+        )  # fmt: skip
     record: dict[str, Any] = {"arm": arm, "seed": seed, "spec": spec}
 
     folder = init_dir
@@ -294,7 +308,7 @@ def run(arm: str, seed: int, args: argparse.Namespace, work: Path) -> dict[str, 
         folder = run_dir / "stage1" / "final"
     elif spec["method"] == "retromae":
         windows, _ = tokenize_corpus(dataset, tokenizer, args.max_len)
-        model = load_encoder(str(init_dir), max_seq_length=args.max_len, pooling="cls")
+        model = load_encoder(str(init_dir), max_seq_length=args.max_len, pooling=spec["pooling"])
         torch.manual_seed(seed)
         loss_cls = WeightedRetroMAELoss if "decoder_weight" in spec else RetroMAELoss
         loss = loss_cls(
@@ -370,7 +384,7 @@ def run(arm: str, seed: int, args: argparse.Namespace, work: Path) -> dict[str, 
         pairs,
         run_dir / "stage2",
         batch_size=args.stage2_batch,
-        learning_rate=args.stage2_lr,
+        learning_rate=spec.get("stage2_lr") or args.stage2_lr,
         max_steps=args.stage2_steps,
         save_steps=10**9,
         logging_steps=max(1, args.stage2_steps // 20),
@@ -421,6 +435,7 @@ def report(args: argparse.Namespace, work: Path) -> None:
             "arm": arm,
             "seeds": sorted(i["seed"] for i in items),
             "stage1_steps": items[0].get("stage1_steps", 0),
+            "stage2_setting": f"{items[0]['config'].get('pairs')} / {items[0]['config'].get('stage2_steps')}",
         }
         done = [i for i in items if "dev" in i]  # --stage1-only runs have no stage 2
         if done:
@@ -461,7 +476,7 @@ def report(args: argparse.Namespace, work: Path) -> None:
             "cores": os.cpu_count(),
             "threads": 1,
             "torch": torch.__version__,
-            "note": "loaded shared machine (about 6 other engineers), 1 thread; wall times not meaningful",
+            "note": args.machine_note,
         },
         "config": cfg,
         "summary": rows,
@@ -469,10 +484,10 @@ def report(args: argparse.Namespace, work: Path) -> None:
     }
     atomic_write_json(out / f"{args.name}.json", payload)
     lines = [
-        "# CLS from random init: stage-1 schedules (issue #11 item 3)",
+        f"# {args.title}",
         "",
-        f"Machine: {payload['environment']['cpu']}, {payload['environment']['cores']} cores, no native bf16, "
-        "loaded (shared with ~6 other engineers), 1 thread per run; compare at equal steps.",
+        f"Machine: {payload['environment']['cpu']}, {payload['environment']['cores']} cores, no native bf16; "
+        f"{args.machine_note}; compare at equal steps.",
         "",
         f"Model {cfg.get('preset')} from scratch, 4k WordPiece, max length {cfg.get('max_len')}. Stage 1: "
         f"{cfg.get('stage1_steps')} steps, batch {cfg.get('stage1_batch')}, lr {cfg.get('stage1_lr')} (unless "
@@ -485,9 +500,9 @@ def report(args: argparse.Namespace, work: Path) -> None:
         "same masks, eval mode, at decoder ratio 0.5 (h_gain@1: ratio 1.0, the decoder sees only h). "
         "spread: mean distance of the clean [CLS] vectors from their mean / mean norm.",
         "",
-        "| arm | seeds | dev nDCG@10 | dev R@100 | stage-2 loss (ln B) | h_gain end | h_gain@1 end | spread end "
-        "| cos s1 / s2 | stage-1 end MLM / decoder loss |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | seeds | stage-1 steps | stage-2 pairs / steps | dev nDCG@10 | dev R@100 | stage-2 loss (ln B) "
+        "| h_gain end | h_gain@1 end | spread end | cos s1 / s2 | stage-1 end MLM / decoder loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         hg = f"{r['h_gain_final']:.4f}" if "h_gain_final" in r else "-"
@@ -500,7 +515,8 @@ def report(args: argparse.Namespace, work: Path) -> None:
         else:
             s2, cos = "not run | - | -", "-"
         lines.append(
-            f"| {r['arm']} | {','.join(map(str, r['seeds']))} | {s2} | {hg} | {hg1} | {sp} | {cos} | "
+            f"| {r['arm']} | {','.join(map(str, r['seeds']))} | {r['stage1_steps']} | {r['stage2_setting']} | "
+            f"{s2} | {hg} | {hg1} | {sp} | {cos} | "
             + (f"{r['stage1_mlm']:.2f} / {r['stage1_decoder']:.2f} |" if "stage1_mlm" in r else "- |")
         )
     curves = [r for r in rows if "h_gain_curve" in r]
@@ -538,12 +554,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", default="/tmp/cls-schedule")
     p.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
     p.add_argument("--name", default="cls_schedule")
+    p.add_argument("--title", default="CLS from random init: stage-1 schedules (issue #11 item 3)")
     p.add_argument("--stage1-only", action="store_true", help="stop after stage 1 (h_gain curve only)")
     p.add_argument(
         "--reuse-stage1", action="store_true", help="stage 2 only, from an earlier --stage1-only run's model"
     )
     p.add_argument("--record-from-log", default=None, help="write a stage-1-only record from a run's log")
     p.add_argument("--report", action="store_true", help="gather <work>/records into the result files")
+    p.add_argument(
+        "--machine-note",
+        default="1 thread per run, several runs side by side: wall times not meaningful",
+        help="how the runs shared the machine (written into the report)",
+    )
     args = p.parse_args(argv)
     args.arm_list = [a for a in args.arms.split(",") if a]
     args.seed_list = [int(s) for s in args.seeds.split(",") if s]
