@@ -186,7 +186,7 @@ def test_callback_logs_diagnostics_and_warns_once_when_h_is_ignored(tiny_model, 
             assert history[-1]["h_gain"] == 0.01 and logs["embedding_cosine"] == 0.97
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert "decoder_mask_ratio" in warnings[0] and "collapsed" in warnings[0] and "step 30" in warnings[0]
+    assert "decoder_mask_ratio" in warnings[0] and "collapsed" in warnings[0] and "step 40" in warnings[0]
 
 
 def test_report_reads_the_diagnostics_out():

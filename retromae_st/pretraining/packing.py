@@ -210,6 +210,14 @@ def unpack(stream: torch.Tensor, rows: PackedRows) -> torch.Tensor:
     return padded.index_copy(0, rows.flat_index, values).view(rows.batch, rows.width, *values.shape[1:])
 
 
+def ignored_packed_attention(encoder: nn.Module) -> RuntimeError:
+    """The error for an encoder whose attention did not go through the packed attention function."""
+    return RuntimeError(
+        f"{type(encoder).__name__} did not call the packed attention function, so its rows would have "
+        "attended to each other; run it as length groups (RetroMAELoss(packed=False))."
+    )
+
+
 # -- the attention and mask functions transformers calls ----------------------------------------------
 
 
@@ -351,10 +359,7 @@ def packed_call(
 
     def unpack_output(module: nn.Module, args: tuple, output: dict[str, Any]) -> dict[str, Any]:
         if backend == PACKED_ATTENTION and rows.calls == 0 and rows.tokens:
-            raise RuntimeError(
-                f"{type(encoder).__name__} did not call the packed attention function, so its rows would have "
-                "attended to each other; run it as length groups (RetroMAELoss(packed=False))."
-            )
+            raise ignored_packed_attention(encoder)
         restored = dict(padded_features)
         for name, value in output.items():
             if name in stream_keys:
@@ -372,6 +377,12 @@ def packed_call(
     config._attn_implementation = backend
     try:
         yield
+    except TypeError as error:
+        # A stock attention function handed our mask object fails before the hook can tell why (newer
+        # transformers check the mask's type): say what happened instead.
+        if backend == PACKED_ATTENTION and rows.calls == 0 and "PackedMask" in str(error):
+            raise ignored_packed_attention(encoder) from error
+        raise
     finally:
         config._attn_implementation = previous
         handle.remove()
