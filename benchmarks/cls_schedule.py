@@ -490,7 +490,7 @@ def report(args: argparse.Namespace, work: Path) -> None:
         f"{args.machine_note}; compare at equal steps.",
         "",
         f"Model {cfg.get('preset')} from scratch, 4k WordPiece, max length {cfg.get('max_len')}. Stage 1: "
-        f"{cfg.get('stage1_steps')} steps, batch {cfg.get('stage1_batch')}, lr {cfg.get('stage1_lr')} (unless "
+        f"the steps of each row, batch {cfg.get('stage1_batch')}, lr {cfg.get('stage1_lr'):g} (unless "
         f"the arm says +lr). Stage 2: MNRL, CLS pooling unless the arm says mean, {cfg.get('stage2_steps')} steps, "
         f"batch {cfg.get('stage2_batch')}, lr {cfg.get('stage2_lr')}, on {cfg.get('pairs')} train pairs. "
         f"Evaluation: debian-pkgs **dev** split, {records[0]['dev_docs'] if records else '?'} docs "
