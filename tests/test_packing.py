@@ -87,11 +87,18 @@ def _model(transformer: Transformer, pooling: str) -> SentenceTransformer:
     return SentenceTransformer(modules=[transformer, Pooling(dimension, "mean"), Normalize()])
 
 
-def _features(model: SentenceTransformer) -> dict[str, torch.Tensor]:
-    """A right-padded batch of mixed lengths (3 to 40 tokens, some truncated to the full width)."""
+def _features(model: SentenceTransformer, longest_first: bool = False) -> dict[str, torch.Tensor]:
+    """A right-padded batch of mixed lengths (3 to 40 tokens, some truncated to the full width).
+
+    ``longest_first``: rows in falling length, so the stream ends with short rows whose buckets are padded
+    past the stream's last token.
+    """
     texts = sorted(make_texts(24, seed=3), key=len)[::3] + ["index", " ".join(make_texts(3, seed=5))]
     features = {k: v for k, v in model.preprocess(texts).items() if torch.is_tensor(v)}
     lengths = features["attention_mask"].sum(dim=1)
+    if longest_first:
+        order = lengths.argsort(descending=True, stable=True)
+        features, lengths = {k: v[order] for k, v in features.items()}, lengths[order]
     assert lengths.min() < 8 and lengths.max() == features["attention_mask"].shape[1]  # mixed, with padding
     return features
 
@@ -163,6 +170,21 @@ def test_packed_step_equals_the_length_group_step(transformers_by_arch, arch, po
         torch.testing.assert_close(packed_grads[name], grouped_grads[name], rtol=1e-4, atol=1e-6, msg=name)
     for name in grouped_diagnostics:
         assert packed_diagnostics[name] == pytest.approx(grouped_diagnostics[name], abs=2e-4), name
+
+
+@pytest.mark.parametrize("arch", ["bert", "modernbert"])
+def test_packed_step_equals_the_length_group_step_when_short_rows_end_the_stream(transformers_by_arch, arch):
+    """Transformers >= 5.25 turns packed position ids into a same-row mask function; it is evaluated at the
+    stream positions each bucket really gathered, also for a short last row padded past the stream's end
+    (where evaluating it at start + offset indexed past the stream: IndexError)."""
+    model = _model(transformers_by_arch[arch], "cls")
+    features = _features(model, longest_first=True)
+    grouped, grouped_grads, _ = _step(model, features, False, {})
+    packed, packed_grads, _ = _step(model, features, True, {})
+    for name in grouped:
+        assert packed[name] == pytest.approx(grouped[name], rel=1e-5, abs=1e-6), name
+    for name in grouped_grads:
+        torch.testing.assert_close(packed_grads[name], grouped_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_rows_stay_apart(transformers_by_arch):

@@ -225,15 +225,19 @@ def ignored_packed_attention(encoder: nn.Module) -> RuntimeError:
 class PackedMask:
     """What the model's mask creation returns under :data:`PACKED_ATTENTION`: its mask function, to be
     evaluated at stream positions inside each bucket (sliding windows: a distance, the same within a row
-    in stream or row coordinates). Evaluated masks are kept per bucket: every layer reuses them."""
+    in stream or row coordinates). Evaluated masks are kept per bucket: every layer reuses them.
+
+    The positions are those the bucket gathered (``bucket.index``: a row's padding slots repeat its last
+    token), never past the row: transformers >= 5.25 sees the packed position ids and wraps the function
+    in a same-row test that indexes the stream at each position, so a slot past the row would compare
+    another row's token (a fully masked query) or index past the stream's end (IndexError)."""
 
     mask_function: Callable
     evaluated: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def for_bucket(self, number: int, bucket: Bucket) -> torch.Tensor:
         if number not in self.evaluated:
-            length = bucket.index.shape[1]
-            positions = bucket.start.unsqueeze(1) + torch.arange(length, device=bucket.start.device)  # [b, l]
+            positions = bucket.index  # [b, l]
             zero = positions.new_zeros(())
             allowed = self.mask_function(
                 zero, zero, positions[:, :, None], positions[:, None, :]
