@@ -9,6 +9,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
+from retromae_st.pretraining import heads
 from retromae_st.pretraining.heads import ChunkedLinearCrossEntropy, ChunkedMaxPooledLogits
 from retromae_st.pretraining.loss import NonFiniteLossError, RetroMAELoss
 
@@ -117,7 +118,9 @@ def test_non_finite_loss_names_the_component_and_step(tiny_model):
         loss([features_of(tiny_model, REPETITIVE[:2])])
 
 
-def test_chunked_cross_entropy_matches_full():
+@pytest.mark.parametrize("padding", [0, 6], ids=["cpu", "vocab-padded-as-on-cuda"])
+def test_chunked_cross_entropy_matches_full(monkeypatch, padding):
+    monkeypatch.setattr(heads, "vocab_padding", lambda device, vocab: padding)
     torch.manual_seed(0)
     x = torch.randn(37, 8, requires_grad=True)
     weight = torch.randn(50, 8, requires_grad=True)
@@ -132,9 +135,15 @@ def test_chunked_cross_entropy_matches_full():
         assert torch.allclose(got, want, atol=1e-5)
 
 
-def test_chunked_cross_entropy_under_bf16_autocast_is_close_to_fp32():
+@pytest.mark.parametrize("grad_w_product", ["fp32", "compute-dtype"])
+def test_chunked_cross_entropy_under_bf16_autocast_is_close_to_fp32(monkeypatch, grad_w_product):
     """Under CPU autocast the vocabulary products run in bf16 (the table cast once per call); the loss and
-    the gradients stay within bf16 rounding of fp32 and keep their inputs' dtypes."""
+    the gradients stay within bf16 rounding of fp32 and keep their inputs' dtypes. ``compute-dtype``: the
+    CUDA path, d/dW formed as a bf16 product per chunk and summed in fp32, the vocabulary padded to a
+    multiple of 64 (forced here on the CPU)."""
+    cuda_policy = grad_w_product == "compute-dtype"
+    monkeypatch.setattr(heads, "grad_w_in_compute_dtype", lambda device: cuda_policy)
+    monkeypatch.setattr(heads, "vocab_padding", lambda device, vocab: -vocab % 64 if cuda_policy else 0)
     torch.manual_seed(0)
     x = torch.randn(37, 16, requires_grad=True)
     weight = (0.3 * torch.randn(200, 16)).requires_grad_()
@@ -150,6 +159,19 @@ def test_chunked_cross_entropy_under_bf16_autocast_is_close_to_fp32():
     for got, want, tensor in zip(grads, expected, (x, weight, bias)):
         assert got.dtype == tensor.dtype
         assert (got - want).norm() < 0.03 * want.norm()
+
+
+def test_chunk_rows_default_per_device(tiny_model):
+    """Larger chunks on CUDA (a GPU needs more work per kernel), the CPU's on the CPU; a given value wins."""
+    vocab = tiny_model[0].auto_model.config.vocab_size
+    assert heads.default_chunk_rows(30522, "cuda") > 10 * heads.default_chunk_rows(30522, "cpu")
+    assert heads.vocab_padding("cuda", 30522) == 6 and heads.vocab_padding("cuda", 30528) == 0
+    assert heads.vocab_padding("cpu", 30522) == 0
+    loss = RetroMAELoss(tiny_model)
+    assert loss._chunk_rows_for(torch.device("cpu")) == heads.default_chunk_rows(vocab, "cpu")
+    assert loss._chunk_rows_for(torch.device("cuda")) == heads.default_chunk_rows(vocab, "cuda")
+    given = RetroMAELoss(tiny_model, chunk_rows=7)
+    assert given._chunk_rows_for(torch.device("cuda")) == given._chunk_rows_for(torch.device("cpu")) == 7
 
 
 def test_chunked_cross_entropy_refuses_a_second_backward():

@@ -18,10 +18,31 @@ from transformers.activations import get_activation
 # (137 rows at 30,522 entries). A chunk also needs logsumexp's temporary of the same size; 2**25 (128 MiB)
 # cost 0.07 GiB more peak RSS at BERT-base size (benchmarks/results/memory_base128.md).
 _CHUNK_ELEMENTS = 2**22
+# On CUDA one chunk of 137 rows is too little work per kernel: ~10 small launches per chunk and its
+# [V, D] gradient update keep the GPU waiting on the launching thread (measured on an H200:
+# benchmarks/results/gpu_throughput.md). 2**26 floats (256 MiB of fp32 logits, 2,198 rows at 30,522
+# entries) gives each product thousands of rows at a memory cost a GPU does not notice.
+_CHUNK_ELEMENTS_CUDA = 2**26
 
 
-def default_chunk_rows(vocab_size: int) -> int:
-    return max(64, _CHUNK_ELEMENTS // max(vocab_size, 1))
+def default_chunk_rows(vocab_size: int, device_type: str = "cpu") -> int:
+    """Rows per chunk of the vocabulary-wide cross-entropy on this device type (see the constants)."""
+    elements = _CHUNK_ELEMENTS_CUDA if device_type == "cuda" else _CHUNK_ELEMENTS
+    return max(64, elements // max(vocab_size, 1))
+
+
+def grad_w_in_compute_dtype(device_type: str) -> bool:
+    """Whether :class:`ChunkedLinearCrossEntropy` forms each chunk's d/dW in the compute dtype (CUDA) or
+    in fp32 (CPU); see its docstring."""
+    return device_type == "cuda"
+
+
+def vocab_padding(device_type: str, vocab_size: int) -> int:
+    """Never-predicted entries :class:`ChunkedLinearCrossEntropy` appends to the vocabulary on CUDA, so
+    its products have a multiple of 64 columns: cuBLAS runs an odd width such as BERT's 30,522 on slower
+    kernels (sm80 CUTLASS instead of Hopper's, on an H200: ``benchmarks/results/gpu_throughput.md``).
+    None on the CPU, where the table would be copied only for this."""
+    return -vocab_size % 64 if device_type == "cuda" else 0
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -97,8 +118,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     Precision: the two [c, D] x [D, V] products run in the compute dtype (bf16 under autocast, with the
     [V, D] table cast once per call rather than by autocast once per chunk and product); log-sum-exp and
-    softmax in fp32, in place on the chunk's logits; d/dW is accumulated in fp32 (a bf16 product per chunk
-    would need a [V, D] bf16 temporary and an add of the same size: slower on an AMX Xeon).
+    softmax in fp32, in place on the chunk's logits; d/dW is accumulated in fp32. On the CPU its product
+    runs in fp32 too (a bf16 product per chunk would need a [V, D] bf16 temporary and an add of the same
+    size: slower on an AMX Xeon); on CUDA it runs in the compute dtype and is added to the fp32 sum (an fp32
+    product there runs at a tenth of the bf16 rate, and the [V, D] temporary is small beside a GPU's memory).
     """
 
     @staticmethod
@@ -106,12 +129,17 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         device, compute = x.device.type, compute_dtype(x)
         rows = labels.numel()
         need_grad = any(ctx.needs_input_grad[:3])
+        low_precision_grad_w = compute != torch.float32 and grad_w_in_compute_dtype(device)
         with torch.autocast(device, enabled=False):  # every cast below is explicit
             x_c, weight_c, bias_c = x.to(compute), weight.to(compute), bias.to(compute)  # [N, D] [V, D] [V]
+            vocab, pad = weight.shape[0], vocab_padding(device, weight.shape[0])
+            if pad:  # zero rows with a -inf bias: their logits are -inf, their probabilities 0
+                weight_c = torch.cat([weight_c, weight_c.new_zeros(pad, weight_c.shape[1])])  # [V + p, D]
+                bias_c = torch.cat([bias_c, bias_c.new_full((pad,), float("-inf"))])  # [V + p]
             total = torch.zeros((), dtype=torch.float32, device=x.device)
             grad_x = torch.empty_like(x) if need_grad else None
-            grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
-            grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_grad else None
+            grad_w = torch.zeros_like(weight_c, dtype=torch.float32) if need_grad else None
+            grad_b = torch.zeros_like(bias_c, dtype=torch.float32) if need_grad else None
             for start in range(0, rows, chunk_rows):
                 stop = min(start + chunk_rows, rows)
                 xc, yc = x_c[start:stop], labels[start:stop]
@@ -126,12 +154,19 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                     # d(mean CE)/d logits = (softmax - onehot) / N.
                     probs.div_(norm * rows)
                     probs[torch.arange(len(yc), device=yc.device), yc] -= 1.0 / rows
-                    grad_x[start:stop] = probs.to(compute) @ weight_c  # [c, D]
-                    grad_w.addmm_(probs.t(), x[start:stop].float())
+                    probs_c = probs.to(compute)
+                    grad_x[start:stop] = probs_c @ weight_c  # [c, D]
+                    if low_precision_grad_w:
+                        grad_w += probs_c.t() @ xc  # [V, D] product in the compute dtype, fp32 sum
+                    else:
+                        grad_w.addmm_(probs.t(), x[start:stop].float())
                     grad_b += probs.sum(dim=0)
         # Kept on ctx, not saved for backward: they are neither inputs nor outputs, and backward scales
         # them in place rather than allocating a second [V, D] gradient.
-        ctx.grads = (grad_x, grad_w.to(weight.dtype), grad_b.to(bias.dtype)) if need_grad else None
+        if need_grad:
+            ctx.grads = (grad_x, grad_w[:vocab].to(weight.dtype), grad_b[:vocab].to(bias.dtype))
+        else:
+            ctx.grads = None
         return total / rows
 
     @staticmethod

@@ -79,6 +79,22 @@ RETROMAE_CITATION = """
 """
 
 
+def attention_kernels(device: torch.device | None) -> contextlib.AbstractContextManager:
+    """The SDPA kernels a step may use: on CUDA, every kernel but cuDNN's attention.
+
+    Why: PyTorch prefers cuDNN's attention on Hopper GPUs, and cuDNN builds an execution plan for every
+    new shape. A step's shapes change with every batch (the length groups, the packed buckets and the
+    decoder's [B, L, L] mask follow the rows' lengths), so each step paid for new plans: on an H200, a
+    packed base step on mixed-length rows took 982 ms with cuDNN and 110 ms with flash / memory-efficient
+    attention (``benchmarks/results/gpu_throughput.md``). Elsewhere: no change.
+    """
+    if device is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 class RetroMAELoss(nn.Module):
     DEFAULT_LENGTH_GROUPS = 4
     AUTO_HEAD_WARMUP_STEPS = 50
@@ -159,7 +175,7 @@ class RetroMAELoss(nn.Module):
             query_stream: ``"layernorm"`` (h + position embedding through the embedding layer norm, as
                 FlagEmbedding) or ``"plain"`` (h + position embedding, as staoxiao/RetroMAE).
             chunk_rows: rows per chunk of the vocabulary-wide cross-entropy; default keeps one chunk's
-                logits near 16 MiB.
+                logits near 16 MiB on the CPU and 256 MiB on CUDA.
             max_length_groups: run each batch as at most this many sub-batches of rows of similar
                 length, each padded only to its own longest row (:mod:`retromae_st.pretraining.unpadding`). The loss
                 and its gradients are those of the whole batch (every term is per row); only the compute
@@ -302,7 +318,9 @@ class RetroMAELoss(nn.Module):
             )
         self.decoder_heads = heads
         self.decoder_layers = decoder_layers
+        # The user's value, or the CPU default until the first batch says which device the loss runs on.
         self.chunk_rows = chunk_rows or default_chunk_rows(adapter.vocab_size)
+        self._chunk_rows_given = chunk_rows is not None
         _describe_sentence_embedding(model, adapter.hidden_size)
         # Why this loss cannot pack its encoder calls (None: it can), said once here.
         self.packing_refused = _packing_refusal(packed, self.compile, transformer.auto_model)
@@ -356,6 +374,11 @@ class RetroMAELoss(nn.Module):
         self, sentence_features: Iterable[dict[str, torch.Tensor]], labels: torch.Tensor | None = None
     ):
         features = list(sentence_features)
+        device = features[0]["input_ids"].device if features and "input_ids" in features[0] else None
+        with attention_kernels(device):
+            return self._forward(features)
+
+    def _forward(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         if len(features) != 1:
             raise ValueError(
                 f"RetroMAELoss expects a dataset with one text column, got {len(features)} columns."
@@ -611,13 +634,19 @@ class RetroMAELoss(nn.Module):
         logger.info("RetroMAE: the shared MLM head starts from the %s-style head in %s.", layout, where)
         return where
 
+    def _chunk_rows_for(self, device: torch.device) -> int:
+        """``chunk_rows`` as given, else the default for ``device`` (larger on CUDA: see ``heads``)."""
+        if self._chunk_rows_given:
+            return self.chunk_rows
+        return default_chunk_rows(self.head.bias.numel(), device.type)
+
     def _mlm_loss(
         self, parts: list[tuple[torch.Tensor, torch.Tensor]], embedding_weight: torch.Tensor
     ) -> torch.Tensor:
         """The shared head's mean cross-entropy over the labelled positions of every group."""
         states = parts[0][0] if len(parts) == 1 else torch.cat([states for states, _ in parts])  # [N, D]
         labels = parts[0][1] if len(parts) == 1 else torch.cat([labels for _, labels in parts])  # [N]
-        return self.head.loss(states, labels, embedding_weight, self.chunk_rows)
+        return self.head.loss(states, labels, embedding_weight, self._chunk_rows_for(states.device))
 
     def _enhanced(
         self,
@@ -670,7 +699,7 @@ class RetroMAELoss(nn.Module):
         valid = attention_mask.bool().clone()
         valid[:, 0] = False
         batch = token_states.shape[0]
-        chunk_positions = max(1, (self.chunk_rows * 1) // max(batch, 1))
+        chunk_positions = max(1, self._chunk_rows_for(token_states.device) // max(batch, 1))
         pooled = ChunkedMaxPooledLogits.apply(
             self.head.transform(token_states),
             self.encoder().word_embeddings.weight,
