@@ -3,8 +3,9 @@
 Issue #12, item 6: "where a GPU machine is available, run the benchmark in bf16 at base L=512 and L=8192
 and report tokens/s and model FLOP utilisation" (target: >= 40% bf16 MFU at base L=512). Each configuration
 builds a from-scratch BERT with base-sized layers (12 x 768, 12 heads, feed-forward 3072, a 30,522-entry
-WordPiece vocabulary: what the corpus supports, padded with never-seen ``[unusedN]`` entries as BERT's), wraps it in ``RetroMAELoss`` (its defaults: enhanced
-decoding, one decoder layer) and times full training steps as ``pretrain_throughput.Variant`` runs them:
+WordPiece vocabulary: what the corpus supports, padded with never-seen ``[unusedN]`` entries as BERT's),
+wraps it in ``RetroMAELoss`` (its defaults: enhanced decoding, one decoder layer) and times full
+training steps as ``pretrain_throughput.Variant`` runs them:
 collate, host-to-device copy, forward and backward under ``torch.autocast("cuda", bfloat16)``, gradient
 clipping and fused AdamW, with ``torch.cuda.synchronize()`` around each step.
 
@@ -14,6 +15,11 @@ lengths: what packing and length groups are for). Variants: ``ours-packed`` (``p
 on real tokens only), ``ours-groups`` (``packed=False``: length groups), ``ours-compile``
 (``compile=True``), and ``reference``, ``pretrain_throughput.py``'s in-process re-implementation of
 FlagEmbedding's step (eager attention, full-vocabulary logits everywhere; not the real reference code).
+
+A variant may carry one A/B switch after ``@``: ``cpuheads`` (the vocabulary cross-entropy as on the
+CPU), ``nopad`` (no vocabulary padding to a multiple of 64), ``cudnn`` (SDPA may pick cuDNN's attention),
+``nocudnn`` (cuDNN excluded around the whole run). ``--profile`` adds a ``torch.profiler`` table of two
+more steps per variant.
 
 MFU = model FLOPs per step / step time / peak. Model FLOPs are counted analytically on each row's real
 tokens only (``long_context.step_flops``: projections, feed-forward and attention of every encoder layer

@@ -14,6 +14,10 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 # Tiny models gain nothing from a second thread, and OpenMP threads that spin against other busy
 # processes can slow a step twentyfold: one thread keeps test times stable.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The suite runs on the CPU, as CI does. On a machine with a GPU, Sentence-Transformers would place the
+# tests' models there while their inputs stay on the CPU (seen on an H200: "Expected all tensors to be on
+# the same device"). Set CUDA_VISIBLE_DEVICES yourself to run them elsewhere.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 from pathlib import Path
 
