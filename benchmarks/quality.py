@@ -750,6 +750,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     rows = summarise(report["records"])
     names = [e["name"] for e in report["eval_sets"]]
     regimes = sorted({r["regime"] for r in rows})
+    arms = sorted({r["arm"] for r in rows})  # one colour per arm in every panel
     fig, axes = plt.subplots(1, len(regimes), figsize=(6 * len(regimes), 4), squeeze=False)
     for ax, regime in zip(axes[0], regimes):
         sub = sorted([r for r in rows if r["regime"] == regime], key=lambda r: r["arm"])
@@ -757,14 +758,35 @@ def plot(report: dict[str, Any], path: Path) -> None:
         for j, row in enumerate(sub):
             means = [row.get(f"{n}/ndcg@10", (float("nan"), 0.0))[0] for n in names]
             stds = [row.get(f"{n}/ndcg@10", (float("nan"), 0.0))[1] for n in names]
-            ax.bar(np.arange(len(names)) + j * width, means, width, yerr=stds, label=row["arm"], capsize=2)
+            colour = f"C{arms.index(row['arm']) % 10}"
+            x = np.arange(len(names)) + j * width
+            ax.bar(x, means, width, yerr=stds, label=row["arm"], color=colour, capsize=2)
         ax.set_xticks(np.arange(len(names)) + width * (len(sub) - 1) / 2, names)
-        ax.set_title(f"stage 2: {regime}")
+        ax.set_title(f"regime: {regime}")
         ax.set_ylabel("nDCG@10")
-    axes[0][-1].legend(fontsize=7)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def run_label(args: argparse.Namespace, records: list[dict[str, Any]]) -> str:
+    """What the report's title says about the run: a full run has 3 seeds of every arm, both stage-2
+    regimes and the zero-shot sets; anything less is labelled REDUCED, naming what it lacks."""
+    if args.quick:
+        return "quick smoke run"
+    missing = []
+    if len(args.seed_list) < 3 or any(
+        row["seeds"] < len(args.seed_list) for row in summarise(records) if row["arm"] != "start"
+    ):
+        missing.append("fewer than 3 seeds for some arm")
+    if args.stage2_steps == 0:
+        missing.append("no full-pairs regime")
+    if args.scarce_pairs == 0:
+        missing.append("no label-scarce regime")
+    if not [name for name in args.zero_shot.split(",") if name]:
+        missing.append("no zero-shot sets")
+    return f"REDUCED run: {'; '.join(missing)}" if missing else "full configuration"
 
 
 def write(args, out: Path, records, tokenizer, evals, wall: float) -> None:
@@ -778,18 +800,7 @@ def write(args, out: Path, records, tokenizer, evals, wall: float) -> None:
     except OSError:
         pass
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    fewer_seeds = any(
-        row["seeds"] < len(args.seed_list) for row in summarise(records) if row["arm"] != "start"
-    )
-    config["label"] = (
-        "quick smoke run"
-        if args.quick
-        else (
-            "full configuration"
-            if len(args.seed_list) >= 3 and not fewer_seeds
-            else "REDUCED run (fewer seeds/steps than the full benchmark)"
-        )
-    )
+    config["label"] = run_label(args, records)
     report = {
         "benchmark": "quality",
         "config": config,
