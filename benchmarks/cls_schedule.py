@@ -424,6 +424,12 @@ def cpu_name() -> str:
     return platform.machine()
 
 
+def _decoder_untrained(record: dict[str, Any]) -> bool:
+    spec = record.get("spec", {})
+    held_at_zero = spec.get("hold") and spec.get("decoder_weight") == 0.0
+    return bool(held_at_zero and spec.get("weight_steps", 0) >= record.get("stage1_steps", 0))
+
+
 def report(args: argparse.Namespace, work: Path) -> None:
     records = [json.loads(p.read_text()) for p in sorted((work / "records").glob("*.json"))]
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -451,7 +457,9 @@ def report(args: argparse.Namespace, work: Path) -> None:
                     "cos2": statistics.mean(i["mean_cos_after_stage2"] for i in done),
                 }
             )
-        hist = [i["h_gain_history"] for i in items if "h_gain_history" in i]
+        # An arm whose decoder loss is weighted 0 for the whole stage 1 never trains its decoder: its probe
+        # h_gain would measure a random decoder, so it is left out.
+        hist = [i["h_gain_history"] for i in items if "h_gain_history" in i and not _decoder_untrained(i)]
         if hist:
             steps = [h["step"] for h in hist[0]]
             row["h_gain_curve"] = {
