@@ -88,6 +88,9 @@ ARMS = [f"{method}-{pooling}" for method in METHODS for pooling in ("cls", "mean
 # The CLS schedule of benchmarks/cls_schedule.py's best arm: the decoder first reads the mean of the token
 # states, blended into h from 1 to 0 over the first half of stage 1, at 4x the stage-1 learning rate.
 MIX_LR_FACTOR = 4
+# Arms given RetroMAE's stage-1 wall time instead of its steps. They run after the equal-step arms, or alone
+# with --equal-time-from (the budget and the arm's s/step then come from an earlier run's records).
+TIMED_ARMS = [f"{method}-{pooling}@time" for method in ("mlm", "tsdae") for pooling in ("cls", "mean")]
 DEFAULT_ARMS = ["retromae-mean", "mlm-mean", "tsdae-mean", "none-mean"]
 
 
@@ -436,6 +439,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stage1-lr", type=float, default=5e-4)
     parser.add_argument("--no-equal-time", action="store_true", help="skip the equal wall-clock stage-1 arms")
     parser.add_argument(
+        "--equal-time-from",
+        default="",
+        help="comma list of earlier result JSON files (same settings, same machine) that hold this seed's "
+        "retromae-* and mlm-*/tsdae-* stage-1 timings: an explicit `mlm-mean@time` arm then runs alone, "
+        "without rerunning those arms",
+    )
+    parser.add_argument(
         "--stage2-steps",
         type=int,
         default=200,
@@ -457,8 +467,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.seed_list = [int(s) for s in args.seeds.split(",") if s]
     args.arm_list = [a for a in args.arms.split(",") if a]
     for arm in args.arm_list:
-        if arm not in ARMS:
-            parser.error(f"unknown arm {arm!r}: choose from {ARMS}")
+        if arm not in ARMS + TIMED_ARMS:
+            parser.error(f"unknown arm {arm!r}: choose from {ARMS + TIMED_ARMS}")
     args.name = args.name or ("quality_quick" if args.quick else "quality")
     if args.start_model:
         args.start_path = resolve_start_model(args.start_model)
@@ -524,6 +534,9 @@ def main(argv: list[str] | None = None) -> None:
     for earlier in [p for p in args.include.split(",") if p]:
         # Arms run as separate processes (in parallel, or once a setting was chosen on dev) join one table.
         records += json.loads(Path(earlier).read_text())["records"]
+    timings: list[dict[str, Any]] = []
+    for earlier in [p for p in args.equal_time_from.split(",") if p]:
+        timings += json.loads(Path(earlier).read_text())["records"]
     for seed in args.seed_list:
         if start is not None:
             init_dir = start
@@ -539,7 +552,7 @@ def main(argv: list[str] | None = None) -> None:
                 attention_init_gain=args.attention_init_gain,
             )  # fmt: skip
         stage1_runs: dict[str, tuple[Path, str, dict[str, Any]]] = {}
-        for arm in args.arm_list:
+        for arm in [a for a in args.arm_list if a not in TIMED_ARMS]:
             method, pooling = arm.split("-")
             if method == "none":
                 stage1_runs[arm] = (init_dir, pooling, {"steps": 0, "seconds": 0.0})
@@ -549,20 +562,14 @@ def main(argv: list[str] | None = None) -> None:
             )
             stage1_runs[arm] = (folder, pooling, info)
             logger.info("seed %d stage 1 %s: %s", seed, arm, info)
-        for pooling in ("cls", "mean"):
-            if args.no_equal_time or f"retromae-{pooling}" not in stage1_runs:
-                continue
-            budget = stage1_runs[f"retromae-{pooling}"][2]["seconds"]
-            for arm in (f"mlm-{pooling}", f"tsdae-{pooling}"):
-                if arm not in stage1_runs:
-                    continue
-                steps = max(1, round(budget / stage1_runs[arm][2]["s_per_step"]))
-                folder, info = stage1(
-                    arm, steps, init_dir, work / f"seed{seed}" / f"{arm}@time", windows, texts, args, seed
-                )
-                info["budget_seconds"] = budget
-                stage1_runs[f"{arm}@time"] = (folder, pooling, info)
-                logger.info("seed %d stage 1 %s@time: %s", seed, arm, info)
+        for arm, (budget, s_per_step) in equal_time_plan(args, seed, stage1_runs, timings).items():
+            steps = max(1, round(budget / s_per_step))
+            folder, info = stage1(
+                arm, steps, init_dir, work / f"seed{seed}" / f"{arm}@time", windows, texts, args, seed
+            )
+            info["budget_seconds"] = budget
+            stage1_runs[f"{arm}@time"] = (folder, arm.split("-")[1], info)
+            logger.info("seed %d stage 1 %s@time: %s", seed, arm, info)
         for arm, (folder, pooling, info) in stage1_runs.items():
             model = load_encoder(str(folder), max_seq_length=args.max_len, pooling=pooling)
             cos1 = mean_cosine(model, probe)
@@ -612,6 +619,45 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 write(args, out, records, tokenizer, evals, time.perf_counter() - started)
     write(args, out, records, tokenizer, evals, time.perf_counter() - started)
+
+
+def equal_time_plan(
+    args: argparse.Namespace,
+    seed: int,
+    stage1_runs: dict[str, tuple[Path, str, dict[str, Any]]],
+    timings: list[dict[str, Any]],
+) -> dict[str, tuple[float, float]]:
+    """The equal wall-clock arms to run for ``seed``: ``{"mlm-mean": (RetroMAE's seconds, mlm's s/step)}``.
+
+    Every mlm/tsdae arm of this run gets one unless ``--no-equal-time``; an explicit ``<arm>@time`` gets one
+    always. Timings come from this run, else from ``--equal-time-from`` records of the same seed.
+    """
+    wanted = [a.removesuffix("@time") for a in args.arm_list if a in TIMED_ARMS]
+    if not args.no_equal_time:
+        wanted += [a for a in stage1_runs if a.split("-")[0] in ("mlm", "tsdae") and a not in wanted]
+
+    def timing(arm: str) -> dict[str, Any] | None:
+        if arm in stage1_runs:
+            return stage1_runs[arm][2]
+        earlier = [
+            r["stage1"] for r in timings if r["seed"] == seed and r["arm"] == arm and r["stage1"]["steps"]
+        ]
+        return earlier[0] if earlier else None
+
+    plan = {}
+    for arm in wanted:
+        retromae, own = timing(f"retromae-{arm.split('-')[1]}"), timing(arm)
+        if retromae is None or own is None:
+            if f"{arm}@time" in args.arm_list:
+                print(
+                    f"{arm}@time, seed {seed}: no stage-1 timing of retromae-{arm.split('-')[1]} and {arm} "
+                    "for this seed; add those arms to --arms or pass their results with --equal-time-from",
+                    file=sys.stderr,
+                )
+                raise SystemExit(2)
+            continue  # no RetroMAE arm of this pooling to match
+        plan[arm] = (retromae["seconds"], own["s_per_step"])
+    return plan
 
 
 def evals_for(args: argparse.Namespace, regime: str, evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -786,6 +832,9 @@ def run_label(args: argparse.Namespace, records: list[dict[str, Any]]) -> str:
         missing.append("no label-scarce regime")
     if not [name for name in args.zero_shot.split(",") if name]:
         missing.append("no zero-shot sets")
+    arms = {r["arm"] for r in records}
+    if any(a.split("-")[0] in ("mlm", "tsdae") for a in arms) and not any("@time" in a for a in arms):
+        missing.append("no equal-time arms")
     return f"REDUCED run: {'; '.join(missing)}" if missing else "full configuration"
 
 

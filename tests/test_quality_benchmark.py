@@ -1,10 +1,13 @@
-"""benchmarks/quality.py: the report title says whether a run is the full benchmark or what it lacks."""
+"""benchmarks/quality.py: the report title says whether a run is the full benchmark or what it lacks, and the
+equal wall-clock arms get RetroMAE's stage-1 time from this run or from earlier records of the same seed."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import quality  # noqa: E402
@@ -36,3 +39,47 @@ def test_an_arm_with_fewer_seeds_than_asked_makes_the_run_reduced():
     records = _records(3)[:-1]  # the last arm lost its third seed
     assert quality.run_label(_args(), records) == "REDUCED run: fewer than 3 seeds for some arm"
     assert quality.run_label(_args("--quick"), records) == "quick smoke run"
+
+
+def test_an_mlm_arm_without_its_equal_time_twin_makes_the_run_reduced():
+    records = [dict(r, arm="mlm-mean") if r["arm"] == "x" else r for r in _records(3)]
+    assert quality.run_label(_args(), records) == "REDUCED run: no equal-time arms"
+    timed = records + [dict(r, arm="mlm-mean@time") for r in records if r["arm"] == "mlm-mean"]
+    assert quality.run_label(_args(), timed) == "full configuration"
+
+
+def _timing(seed: int, arm: str, seconds: float, steps: int) -> dict:
+    return {
+        "seed": seed,
+        "arm": arm,
+        "stage1": {"steps": steps, "seconds": seconds, "s_per_step": seconds / steps},
+    }
+
+
+def test_an_explicit_equal_time_arm_takes_its_budget_and_pace_from_earlier_records_of_its_seed():
+    timings = [
+        _timing(0, "retromae-mean", 1200.0, 3000),
+        _timing(0, "mlm-mean", 540.0, 3000),
+        _timing(1, "retromae-mean", 900.0, 3000),  # another seed's timing must not be used
+    ]
+    args = _args("--arms", "mlm-mean@time", "--no-equal-time")
+    plan = quality.equal_time_plan(args, 0, {}, timings)
+    assert plan == {"mlm-mean": (1200.0, 0.18)}
+
+
+def test_an_explicit_equal_time_arm_without_timings_for_its_seed_exits_2(capsys):
+    args = _args("--arms", "mlm-mean@time")
+    with pytest.raises(SystemExit) as exit_:
+        quality.equal_time_plan(args, 1, {}, [_timing(0, "retromae-mean", 1200.0, 3000)])
+    assert exit_.value.code == 2
+    assert "mlm-mean@time, seed 1" in capsys.readouterr().err
+
+
+def test_arms_run_in_this_process_get_equal_time_twins_unless_turned_off():
+    runs = {
+        "retromae-mean": (Path("r"), "mean", {"seconds": 100.0, "s_per_step": 0.5}),
+        "mlm-mean": (Path("m"), "mean", {"seconds": 40.0, "s_per_step": 0.2}),
+        "none-mean": (Path("n"), "mean", {"steps": 0, "seconds": 0.0}),
+    }
+    assert quality.equal_time_plan(_args(), 0, runs, []) == {"mlm-mean": (100.0, 0.2)}
+    assert quality.equal_time_plan(_args("--no-equal-time"), 0, runs, []) == {}
