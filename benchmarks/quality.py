@@ -833,6 +833,9 @@ def run_label(args: argparse.Namespace, records: list[dict[str, Any]]) -> str:
     if not [name for name in args.zero_shot.split(",") if name]:
         missing.append("no zero-shot sets")
     arms = {r["arm"] for r in records}
+    absent = [a for a in DEFAULT_ARMS if a not in arms]
+    if absent:
+        missing.append(f"arms not run: {', '.join(absent)}")
     if any(a.split("-")[0] in ("mlm", "tsdae") for a in arms) and not any("@time" in a for a in arms):
         missing.append("no equal-time arms")
     return f"REDUCED run: {'; '.join(missing)}" if missing else "full configuration"

@@ -23,7 +23,8 @@ def _args(*extra: str):
 def _records(seeds: int) -> list[dict]:
     """Records shaped as a run writes them (taken from a committed result), one per seed and arm."""
     template = json.loads((RESULTS / "quality_continued_none.json").read_text())["records"][0]
-    return [dict(template, seed=s, regime="scarce", arm=a) for s in range(seeds) for a in ("none-mean", "x")]
+    arms = [*quality.DEFAULT_ARMS, "x", "mlm-mean@time", "tsdae-mean@time"]
+    return [dict(template, seed=s, regime="scarce", arm=a) for s in range(seeds) for a in arms]
 
 
 def test_the_default_run_with_three_seeds_is_the_full_configuration():
@@ -42,10 +43,13 @@ def test_an_arm_with_fewer_seeds_than_asked_makes_the_run_reduced():
 
 
 def test_an_mlm_arm_without_its_equal_time_twin_makes_the_run_reduced():
-    records = [dict(r, arm="mlm-mean") if r["arm"] == "x" else r for r in _records(3)]
+    records = [r for r in _records(3) if "@time" not in r["arm"]]
     assert quality.run_label(_args(), records) == "REDUCED run: no equal-time arms"
-    timed = records + [dict(r, arm="mlm-mean@time") for r in records if r["arm"] == "mlm-mean"]
-    assert quality.run_label(_args(), timed) == "full configuration"
+
+
+def test_a_table_without_one_of_the_default_arms_names_it():
+    records = [r for r in _records(3) if not r["arm"].startswith("tsdae")]
+    assert quality.run_label(_args(), records) == "REDUCED run: arms not run: tsdae-mean"
 
 
 def _timing(seed: int, arm: str, seconds: float, steps: int) -> dict:
