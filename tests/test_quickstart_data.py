@@ -37,7 +37,19 @@ def test_corpus_is_deterministic_clean_and_without_duplicates(corpus):
     assert any("shell-style wildcards" in doc.lower() for doc in corpus)  # fnmatch's module docstring
 
 
-def test_corpus_subset(corpus):
+def test_corpus_holds_no_held_out_query_but_keeps_the_training_ones(corpus, pairs):
+    """Stage 1 must not read a test query (a docstring's summary line) next to its answer."""
+    train, test = pairs
+    text = "\n".join(corpus).lower()
+    assert test and not [p["query"] for p in test if p["query"].lower() in text]
+    # Only held-out sentences go: nearly every training query is still in the corpus, as are the documents
+    # the evaluation searches (a test pair's body, of which a long one is cut, so its first words).
+    assert sum(p["query"].lower() in text for p in train) > 0.95 * len(train)
+    assert sum(" ".join(p["text"].split()[:8]).lower() in text for p in test) > 0.7 * len(test)
+
+
+def test_corpus_subset():
+    corpus = python_docs_corpus(seed=1)  # the seed also picks the held-out queries left out of the corpus
     subset = python_docs_corpus(max_docs=50, seed=1)
     assert len(subset) == 50 and set(subset) <= set(corpus)
     assert subset == python_docs_corpus(max_docs=50, seed=1)

@@ -165,6 +165,12 @@ def _chunks(text: str, max_words: int = CHUNK_WORDS) -> list[str]:
     return pieces
 
 
+def _without_sentences(text: str, sentences: set[str]) -> str:
+    """A cleaned text without the paragraphs that contain one of ``sentences`` (lower case)."""
+    kept = (p for p in text.split("\n\n") if not any(s in p.lower() for s in sentences))
+    return "\n\n".join(kept)
+
+
 def _topics() -> dict[str, str]:
     try:
         from pydoc_data.topics import topics
@@ -174,12 +180,24 @@ def _topics() -> dict[str, str]:
     return topics
 
 
-def python_docs_corpus(max_docs: int | None = None, seed: int = 0) -> list[str]:
+def python_docs_corpus(
+    max_docs: int | None = None, seed: int = 0, test_fraction: float = TEST_FRACTION
+) -> list[str]:
     """Documents for stage 1: the pydoc topics and the standard-library docstrings of at least
     :data:`MIN_DOC_WORDS` words, whitespace cleaned, cut into pieces of about :data:`CHUNK_WORDS` words,
-    without duplicates, in a fixed order. ``max_docs`` keeps a random (``seed``) subset, in that order."""
+    without duplicates, in a fixed order. ``max_docs`` keeps a random (``seed``) subset, in that order.
+
+    The held-out queries of :func:`python_docs_pairs` with the same ``seed`` and ``test_fraction`` are
+    left out: a paragraph that holds one of them (a test docstring's summary line, or the same sentence in
+    another docstring) is dropped, so stage 1 reads the documents the evaluation searches but never its
+    queries, as in unsupervised domain adaptation on a real corpus. Without this, stage 1 would learn each
+    test query next to its answer.
+    """
+    _, test = python_docs_pairs(seed=seed, test_fraction=test_fraction)
+    held_out = {pair["query"].lower() for pair in test}
     texts = [_clean(text) for _, text in sorted(_topics().items())]
     texts += [_clean(doc) for _, doc in iter_docstrings()]
+    texts = [_without_sentences(text, held_out) for text in texts]
     documents: dict[str, None] = {}  # an ordered set
     for text in texts:
         for piece in _chunks(text):
