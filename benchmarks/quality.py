@@ -90,7 +90,8 @@ ARMS = [f"{method}-{pooling}" for method in METHODS for pooling in ("cls", "mean
 MIX_LR_FACTOR = 4
 # Arms given RetroMAE's stage-1 wall time instead of its steps. They run after the equal-step arms, or alone
 # with --equal-time-from (the budget and the arm's s/step then come from an earlier run's records).
-TIMED_ARMS = [f"{method}-{pooling}@time" for method in ("mlm", "tsdae") for pooling in ("cls", "mean")]
+TIMED_METHODS = ("mlm", "tsdae")
+TIMED_ARMS = [f"{method}-{pooling}@time" for method in TIMED_METHODS for pooling in ("cls", "mean")]
 DEFAULT_ARMS = ["retromae-mean", "mlm-mean", "tsdae-mean", "none-mean"]
 
 
@@ -530,13 +531,9 @@ def main(argv: list[str] | None = None) -> None:
         [(e["name"], len(e["corpus"]), len(e["queries"])) for e in evals],
     )
 
-    records: list[dict[str, Any]] = []
-    for earlier in [p for p in args.include.split(",") if p]:
-        # Arms run as separate processes (in parallel, or once a setting was chosen on dev) join one table.
-        records += json.loads(Path(earlier).read_text())["records"]
-    timings: list[dict[str, Any]] = []
-    for earlier in [p for p in args.equal_time_from.split(",") if p]:
-        timings += json.loads(Path(earlier).read_text())["records"]
+    # Arms run as separate processes (in parallel, or once a setting was chosen on dev) join one table.
+    records = records_from(args.include)
+    timings = records_from(args.equal_time_from)
     for seed in args.seed_list:
         if start is not None:
             init_dir = start
@@ -621,6 +618,16 @@ def main(argv: list[str] | None = None) -> None:
     write(args, out, records, tokenizer, evals, time.perf_counter() - started)
 
 
+def records_from(paths: str) -> list[dict[str, Any]]:
+    """The records of earlier result JSON files, given as a comma list ('' for none)."""
+    return [r for path in paths.split(",") if path for r in json.loads(Path(path).read_text())["records"]]
+
+
+def describe(evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The evaluation sets as a result file lists them."""
+    return [{"name": e["name"], "docs": len(e["corpus"]), "queries": len(e["queries"])} for e in evals]
+
+
 def equal_time_plan(
     args: argparse.Namespace,
     seed: int,
@@ -634,7 +641,7 @@ def equal_time_plan(
     """
     wanted = [a.removesuffix("@time") for a in args.arm_list if a in TIMED_ARMS]
     if not args.no_equal_time:
-        wanted += [a for a in stage1_runs if a.split("-")[0] in ("mlm", "tsdae") and a not in wanted]
+        wanted += [a for a in stage1_runs if a.split("-")[0] in TIMED_METHODS and a not in wanted]
 
     def timing(arm: str) -> dict[str, Any] | None:
         if arm in stage1_runs:
@@ -836,7 +843,7 @@ def run_label(args: argparse.Namespace, records: list[dict[str, Any]]) -> str:
     absent = [a for a in DEFAULT_ARMS if a not in arms]
     if absent:
         missing.append(f"arms not run: {', '.join(absent)}")
-    if any(a.split("-")[0] in ("mlm", "tsdae") for a in arms) and not any("@time" in a for a in arms):
+    if any(a.split("-")[0] in TIMED_METHODS for a in arms) and not any("@time" in a for a in arms):
         missing.append("no equal-time arms")
     return f"REDUCED run: {'; '.join(missing)}" if missing else "full configuration"
 
@@ -865,9 +872,7 @@ def write(args, out: Path, records, tokenizer, evals, wall: float) -> None:
             "python": platform.python_version(),
         },
         "vocab_size": len(tokenizer),
-        "eval_sets": [
-            {"name": e["name"], "docs": len(e["corpus"]), "queries": len(e["queries"])} for e in evals
-        ],
+        "eval_sets": describe(evals),
         "summary": [{k: v for k, v in r.items()} for r in summarise(records)],
         "records": records,
     }

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import DATA, eval_set, evaluate, summarise  # noqa: E402
+from quality import DATA, describe, eval_set, evaluate, summarise  # noqa: E402
 
 from retromae_st.io import atomic_write_json  # noqa: E402
 from retromae_st.models import load_encoder  # noqa: E402
@@ -67,9 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         for data in added:
             record["scores"][data["name"]] = evaluate(model, data)
         logger.info("seed %d %s %s: %s", record["seed"], record["arm"], record["regime"], record["scores"])
-    report["eval_sets"] += [
-        {"name": e["name"], "docs": len(e["corpus"]), "queries": len(e["queries"])} for e in added
-    ]
+    report["eval_sets"] += describe(added)
     report["summary"] = summarise(report["records"])
     config["zero_shot"] = args.zero_shot
     config["zero_shot_added_by"] = "benchmarks/quality_add_eval.py (the run's saved stage-2 models)"
