@@ -59,6 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,9 +123,13 @@ class StepTimer(TrainerCallback):
     def __init__(self) -> None:
         self.start = self.end = 0.0
         self.steps = 0
+        self.step_ends: list[float] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step_ends.append(time.perf_counter())
 
     def on_train_end(self, args, state, control, **kwargs):
         self.end = time.perf_counter()
@@ -133,6 +138,16 @@ class StepTimer(TrainerCallback):
     @property
     def seconds(self) -> float:
         return self.end - self.start
+
+    @property
+    def steady_s_per_step(self) -> float:
+        """s/step without the first tenth of the steps (first-step allocation, warm-up of caches): the pace
+        of a short calibration run, which would otherwise overstate a long run's s/step."""
+        ends = self.step_ends
+        skip = max(1, len(ends) // 10)
+        if len(ends) <= skip:
+            return self.seconds / max(self.steps, 1)
+        return (ends[-1] - ends[skip - 1]) / (len(ends) - skip)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -299,6 +314,7 @@ def stage1(
         "steps": timer.steps,
         "seconds": timer.seconds,
         "s_per_step": timer.seconds / max(timer.steps, 1),
+        "steady_s_per_step": timer.steady_s_per_step,
         "last_log": losses[-1] if losses else None,
         "h_gain": diagnostics[-1]["h_gain"] if diagnostics else None,
         "embedding_cosine": diagnostics[-1].get("embedding_cosine") if diagnostics else None,
@@ -447,6 +463,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "without rerunning those arms",
     )
     parser.add_argument(
+        "--calibrate-steps",
+        type=int,
+        default=0,
+        help="an explicit `<arm>@time` whose own s/step is in neither this run nor --equal-time-from: time "
+        "this many stage-1 steps of it first (same load as the RetroMAE run it is matched to, e.g. beside "
+        "another 1-thread run) and take the steady pace (the first tenth of the steps left out)",
+    )
+    parser.add_argument(
         "--stage2-steps",
         type=int,
         default=200,
@@ -559,12 +583,21 @@ def main(argv: list[str] | None = None) -> None:
             )
             stage1_runs[arm] = (folder, pooling, info)
             logger.info("seed %d stage 1 %s: %s", seed, arm, info)
-        for arm, (budget, s_per_step) in equal_time_plan(args, seed, stage1_runs, timings).items():
+
+        def calibrate(arm: str, seed: int = seed, init_dir: Path = init_dir) -> dict[str, Any]:
+            out_dir = work / f"seed{seed}" / f"{arm}-calibration"
+            _, info = stage1(arm, args.calibrate_steps, init_dir, out_dir, windows, texts, args, seed)
+            logger.info("seed %d %s calibration: %s", seed, arm, info)
+            return info
+
+        plan = equal_time_plan(args, seed, stage1_runs, timings, calibrate if args.calibrate_steps else None)
+        for arm, (budget, s_per_step) in plan.items():
             steps = max(1, round(budget / s_per_step))
             folder, info = stage1(
                 arm, steps, init_dir, work / f"seed{seed}" / f"{arm}@time", windows, texts, args, seed
             )
             info["budget_seconds"] = budget
+            info["planned_s_per_step"] = s_per_step
             stage1_runs[f"{arm}@time"] = (folder, arm.split("-")[1], info)
             logger.info("seed %d stage 1 %s@time: %s", seed, arm, info)
         for arm, (folder, pooling, info) in stage1_runs.items():
@@ -633,11 +666,13 @@ def equal_time_plan(
     seed: int,
     stage1_runs: dict[str, tuple[Path, str, dict[str, Any]]],
     timings: list[dict[str, Any]],
+    calibrate: Callable[[str], dict[str, Any]] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """The equal wall-clock arms to run for ``seed``: ``{"mlm-mean": (RetroMAE's seconds, mlm's s/step)}``.
 
     Every mlm/tsdae arm of this run gets one unless ``--no-equal-time``; an explicit ``<arm>@time`` gets one
-    always. Timings come from this run, else from ``--equal-time-from`` records of the same seed.
+    always. Timings come from this run, else from ``--equal-time-from`` records of the same seed; an explicit
+    arm with no s/step of its own is timed by ``calibrate(arm)`` (a short run: its steady pace) when given.
     """
     wanted = [a.removesuffix("@time") for a in args.arm_list if a in TIMED_ARMS]
     if not args.no_equal_time:
@@ -654,11 +689,15 @@ def equal_time_plan(
     plan = {}
     for arm in wanted:
         retromae, own = timing(f"retromae-{arm.split('-')[1]}"), timing(arm)
+        if retromae is not None and own is None and calibrate is not None and f"{arm}@time" in args.arm_list:
+            own = calibrate(arm)
+            own = {**own, "s_per_step": own["steady_s_per_step"]}
         if retromae is None or own is None:
             if f"{arm}@time" in args.arm_list:
                 print(
                     f"{arm}@time, seed {seed}: no stage-1 timing of retromae-{arm.split('-')[1]} and {arm} "
-                    "for this seed; add those arms to --arms or pass their results with --equal-time-from",
+                    "for this seed; add those arms to --arms, pass their results with --equal-time-from, or time "
+                    "the arm with --calibrate-steps",
                     file=sys.stderr,
                 )
                 raise SystemExit(2)

@@ -87,3 +87,28 @@ def test_arms_run_in_this_process_get_equal_time_twins_unless_turned_off():
     }
     assert quality.equal_time_plan(_args(), 0, runs, []) == {"mlm-mean": (100.0, 0.2)}
     assert quality.equal_time_plan(_args("--no-equal-time"), 0, runs, []) == {}
+
+
+def test_an_explicit_equal_time_arm_without_its_own_pace_is_calibrated_when_asked():
+    timings = [_timing(0, "retromae-mean", 1200.0, 3000)]
+    calibrated = []
+
+    def calibrate(arm: str) -> dict:
+        calibrated.append(arm)
+        return {"steps": 100, "seconds": 70.0, "s_per_step": 0.7, "steady_s_per_step": 0.6}
+
+    args = _args("--arms", "tsdae-mean@time", "--calibrate-steps", "100")
+    assert quality.equal_time_plan(args, 0, {}, timings, calibrate) == {"tsdae-mean": (1200.0, 0.6)}
+    assert calibrated == ["tsdae-mean"]
+    # A pace on record is used as it is, without calibrating.
+    timings.append(_timing(0, "tsdae-mean", 1500.0, 3000))
+    assert quality.equal_time_plan(args, 0, {}, timings, calibrate) == {"tsdae-mean": (1200.0, 0.5)}
+    assert calibrated == ["tsdae-mean"]
+
+
+def test_the_steady_pace_leaves_out_the_first_tenth_of_the_steps():
+    timer = quality.StepTimer()
+    timer.start, timer.end, timer.steps = 0.0, 29.0, 20
+    timer.step_ends = [10.0, 11.0] + [11.0 + i for i in range(1, 19)]  # a slow first step, then 1 s/step
+    assert timer.steady_s_per_step == pytest.approx(1.0)
+    assert timer.seconds / timer.steps > 1.4
