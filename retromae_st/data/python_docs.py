@@ -167,7 +167,11 @@ def _chunks(text: str, max_words: int = CHUNK_WORDS) -> list[str]:
 
 def _without_sentences(text: str, sentences: set[str]) -> str:
     """A cleaned text without the paragraphs that contain one of ``sentences`` (lower case)."""
-    kept = (p for p in text.split("\n\n") if not any(s in p.lower() for s in sentences))
+    kept = []
+    for paragraph in text.split("\n\n"):
+        lowered = paragraph.lower()  # once per paragraph, not once per sentence tested
+        if not any(sentence in lowered for sentence in sentences):
+            kept.append(paragraph)
     return "\n\n".join(kept)
 
 
