@@ -100,11 +100,16 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _training(parser: argparse.ArgumentParser, lr: float, batch: int) -> None:
+def _training(parser: argparse.ArgumentParser, lr: float | str, batch: int, lr_help: str = "") -> None:
     parser.add_argument(
         "--batch-size", type=int, default=batch, help=f"per-device batch size (default {batch})"
     )
-    parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
+    parser.add_argument(
+        "--lr",
+        type=_auto_or_factor if lr == "auto" else float,
+        default=lr,
+        help=f"peak learning rate (default {lr_help or lr})",
+    )
     parser.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
     parser.add_argument(
         "--max-steps", type=int, default=-1, help="stop after this many steps (overrides --epochs)"
@@ -256,7 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
         "XLM-R, DistilBERT, ELECTRA, ModernBERT; others fall back to length groups); default auto: where "
         "it pays (CUDA, or hidden size >= 256 on CPU); --packed alone: true",
     )
-    _training(pre, lr=1e-4, batch=32)
+    _training(
+        pre,
+        lr="auto",
+        batch=32,
+        lr_help="auto: 1e-3 for retromae-tiny and retromae-small from scratch, 1e-4 for retromae-base and an "
+        "existing model",
+    )
     _common(pre)
 
     fine = commands.add_parser(
@@ -358,13 +369,14 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from retromae_st.data.sources import load_texts
     from retromae_st.data.tokenize import tokenize_corpus
     from retromae_st.io import ensure_can_write
-    from retromae_st.models import PRESETS, load_encoder
+    from retromae_st.models import PRESETS, load_encoder, stage1_learning_rate
     from retromae_st.pipeline import add_file_logging, is_main_process, main_process_first
     from retromae_st.pretraining.training import check_pretrain_options, pretrain
 
+    learning_rate = stage1_learning_rate(args.lr, args.model)
     # The option checks first: reading and tokenising a corpus can take minutes.
     check_pretrain_options(
-        loss_kwargs=_loss_kwargs(args), batch_size=args.batch_size, learning_rate=args.lr,
+        loss_kwargs=_loss_kwargs(args), batch_size=args.batch_size, learning_rate=learning_rate,
         num_train_epochs=args.epochs, max_steps=args.max_steps, warmup_ratio=args.warmup_ratio,
         save_steps=args.save_steps, logging_steps=args.logging_steps, bf16=args.bf16,
         hidden_size=PRESETS[args.model].hidden if args.model in PRESETS else None,
@@ -376,6 +388,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     output = Path(args.output)
     ensure_can_write(output / "final", args.overwrite)
     add_file_logging(output)
+    if args.lr == "auto":
+        logger.info("Stage 1 learning rate: %g (--lr auto)", learning_rate)
     dataset, stats = load_texts(
         args.corpus, text_column=args.text_column, hf_config=args.hf_config, hf_split=args.hf_split
     )
@@ -400,7 +414,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         output,
         loss_kwargs=_loss_kwargs(args),
         batch_size=args.batch_size,
-        learning_rate=args.lr,
+        learning_rate=learning_rate,
         num_train_epochs=args.epochs,
         max_steps=args.max_steps,
         warmup_ratio=args.warmup_ratio,

@@ -275,7 +275,7 @@ def check_recipe(recipe: Recipe) -> None:
     from retromae_st.data.beir import check_beir_folder
     from retromae_st.data.sources import check_text_source
     from retromae_st.finetuning.train import check_finetune_options
-    from retromae_st.models import PRESETS, check_model_available
+    from retromae_st.models import PRESETS, check_model_available, stage1_learning_rate
     from retromae_st.pretraining.training import check_pretrain_options
 
     spec = recipe.model
@@ -285,7 +285,8 @@ def check_recipe(recipe: Recipe) -> None:
         _named(
             "pretrain",
             check_pretrain_options,
-            loss_kwargs=stage.loss.model_dump(), batch_size=stage.batch_size, learning_rate=stage.learning_rate,
+            loss_kwargs=stage.loss.model_dump(), batch_size=stage.batch_size,
+            learning_rate=stage1_learning_rate(stage.learning_rate, spec.preset),
             num_train_epochs=stage.epochs, max_steps=stage.max_steps, warmup_ratio=stage.warmup_ratio,
             weight_decay=stage.weight_decay, max_grad_norm=stage.max_grad_norm,
             gradient_accumulation_steps=stage.gradient_accumulation_steps, save_steps=stage.save_steps,
@@ -430,6 +431,7 @@ def corpus_dataset(recipe: Recipe) -> Dataset:
 
 def stage1(run: Run, model: SentenceTransformer) -> SentenceTransformer:
     from retromae_st.data.tokenize import tokenize_corpus
+    from retromae_st.models import stage1_learning_rate
     from retromae_st.pretraining.training import pretrain
 
     final = run.stage1 / "final"
@@ -437,6 +439,9 @@ def stage1(run: Run, model: SentenceTransformer) -> SentenceTransformer:
         logger.info("Stage 1 is complete (%s): skipped", final)
         return load_own_model(final)
     spec = run.recipe.pretrain
+    learning_rate = stage1_learning_rate(spec.learning_rate, run.recipe.model.preset)
+    if spec.learning_rate == "auto":
+        logger.info("Stage 1 learning rate: %g (pretrain.learning_rate auto)", learning_rate)
     windows, stats = tokenize_corpus(
         run.corpus(),
         model.tokenizer,
@@ -451,7 +456,7 @@ def stage1(run: Run, model: SentenceTransformer) -> SentenceTransformer:
         run.stage1,
         loss_kwargs=spec.loss.model_dump(),
         batch_size=spec.batch_size,
-        learning_rate=spec.learning_rate,
+        learning_rate=learning_rate,
         num_train_epochs=spec.epochs,
         max_steps=spec.max_steps,
         warmup_ratio=spec.warmup_ratio,

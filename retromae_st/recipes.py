@@ -131,7 +131,10 @@ class PretrainSection(_Section):
     pack: bool = False
     loss: RetroMAEOptions = RetroMAEOptions()
     batch_size: int = Field(default=32, ge=1)
-    learning_rate: float = Field(default=1e-4, gt=0)
+    learning_rate: Literal["auto"] | Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        default="auto",
+        description="peak learning rate; auto: 1e-3 for retromae-tiny/-small from scratch, 1e-4 otherwise",
+    )
     epochs: float = Field(default=1.0, gt=0)
     max_steps: int = -1
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)

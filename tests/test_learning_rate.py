@@ -1,0 +1,93 @@
+"""Stage 1's learning rate defaults to ``auto``: 1e-3 for a small preset from scratch, 1e-4 otherwise.
+
+At 1e-4 a from-scratch tiny or small model's decoder learns to ignore h before the encoder writes the text
+into [CLS] (h_gain stays near 0 for hundreds of steps; benchmarks/README.md), so the old fixed default
+was the one setting under which stage 1 of a preset did not train the embedding.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from conftest import make_texts
+from pydantic import ValidationError
+
+from retromae_st import cli, recipes
+from retromae_st.models import PRESETS, PRETRAINED_LEARNING_RATE, stage1_learning_rate
+from retromae_st.pretraining import training
+from retromae_st.pretraining.training import read_training_log
+
+
+def test_auto_picks_the_presets_rate_and_the_gentle_one_for_existing_models():
+    assert stage1_learning_rate("auto", "retromae-tiny") == 1e-3
+    assert stage1_learning_rate("auto", "retromae-small") == 1e-3
+    assert stage1_learning_rate("auto", "retromae-base") == PRETRAINED_LEARNING_RATE == 1e-4
+    assert stage1_learning_rate("auto", "bert-base-uncased") == 1e-4
+    assert stage1_learning_rate("auto", None) == 1e-4
+    assert stage1_learning_rate(3e-4, "retromae-tiny") == 3e-4  # an explicit rate is kept
+    assert {name: preset.learning_rate for name, preset in PRESETS.items()} == {
+        "retromae-tiny": 1e-3,
+        "retromae-small": 1e-3,
+        "retromae-base": 1e-4,
+    }
+
+
+def test_cli_and_recipe_default_to_auto_and_take_a_number():
+    parser = cli.build_parser()
+    common = ["pretrain", "--model", "retromae-tiny", "--corpus", "c.txt", "--output", "o"]
+    assert parser.parse_args(common).lr == "auto"
+    assert parser.parse_args([*common, "--lr", "5e-4"]).lr == 5e-4
+    for bad in ("0", "-1e-3", "fast", "inf"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*common, "--lr", bad])
+    # stage 2 keeps its fixed default
+    assert parser.parse_args(["finetune", "--model", "m", "--train", "t", "--output", "o"]).lr == 2e-5
+
+    assert recipes.PretrainSection(corpus="c.txt").learning_rate == "auto"
+    assert recipes.PretrainSection(corpus="c.txt", learning_rate=5e-4).learning_rate == 5e-4
+    for bad in (0, -1e-3, "fast", float("inf")):
+        with pytest.raises(ValidationError, match="learning_rate"):
+            recipes.PretrainSection(corpus="c.txt", learning_rate=bad)
+
+
+def test_cli_pretrain_of_a_preset_trains_at_1e_3_by_default(tmp_path, caplog):
+    (tmp_path / "c.txt").write_text("\n".join(make_texts(40, seed=4)) + "\n")
+    argv = ["pretrain", "--model", "retromae-tiny", "--corpus", str(tmp_path / "c.txt"), "--output",
+            str(tmp_path / "pt"), "--vocab-size", "150", "--max-seq-length", "32", "--max-steps", "4",
+            "--batch-size", "8", "--logging-steps", "1"]  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        assert cli.main(argv) == 0
+    assert "Stage 1 learning rate: 0.001 (--lr auto)" in caplog.text
+    # The trainer's schedule peaks at that rate (after one warm-up step of the 4).
+    rates = [
+        entry["learning_rate"] for entry in read_training_log(tmp_path / "pt") if "learning_rate" in entry
+    ]
+    assert max(rates) == pytest.approx(1e-3)
+
+
+def test_a_recipe_without_a_rate_passes_the_presets_rate_to_stage_1(tmp_path, monkeypatch):
+    seen: dict[str, float] = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_pretrain(model, windows, output_dir, **kwargs):
+        seen["learning_rate"] = kwargs["learning_rate"]
+        raise Stop
+
+    monkeypatch.setattr(training, "pretrain", fake_pretrain)
+    (tmp_path / "c.txt").write_text("\n".join(make_texts(40, seed=5)) + "\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: lr\noutput_dir: run\nmodel:\n  preset: retromae-small\n  vocab_size: 150\n"
+        f"pretrain:\n  corpus: {tmp_path / 'c.txt'}\n  max_steps: 2\n"
+        "finetune:\n  enabled: false\nevaluation:\n  enabled: false\n"
+    )
+    with pytest.raises(Stop):
+        cli.main(["run", str(recipe), "--output-root", str(tmp_path)])
+    assert seen["learning_rate"] == 1e-3
+    assert (
+        "Stage 1 learning rate: 0.001 (pretrain.learning_rate auto)"
+        in (tmp_path / "run" / "run.log").read_text()
+    )
