@@ -37,6 +37,7 @@ Every run writes ``<work>/records/<arm>-s<seed>.json``; ``--report`` gathers the
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import logging
 import math
@@ -491,6 +492,8 @@ def report(args: argparse.Namespace, work: Path) -> None:
         "records": records,
     }
     atomic_write_json(out / f"{args.name}.json", payload)
+    # Stage-1-only records (--record-from-log) have no evaluation: take the sizes from one that has.
+    evaluated = next((r for r in records if "dev_docs" in r), {"dev_docs": "?", "dev_queries": "?"})
     lines = [
         f"# {args.title}",
         "",
@@ -501,8 +504,8 @@ def report(args: argparse.Namespace, work: Path) -> None:
         f"the steps of each row, batch {cfg.get('stage1_batch')}, lr {cfg.get('stage1_lr'):g} (unless "
         f"the arm says +lr). Stage 2: MNRL, CLS pooling unless the arm says mean, {cfg.get('stage2_steps')} steps, "
         f"batch {cfg.get('stage2_batch')}, lr {cfg.get('stage2_lr')}, on {cfg.get('pairs')} train pairs. "
-        f"Evaluation: debian-pkgs **dev** split, {records[0]['dev_docs'] if records else '?'} docs "
-        f"(all judged kept), {records[0]['dev_queries'] if records else '?'} queries.",
+        f"Evaluation: debian-pkgs **dev** split, {evaluated['dev_docs']} docs "
+        f"(all judged kept), {evaluated['dev_queries']} queries.",
         "",
         "h_gain: decoder loss with h rolled by one across a fixed 64-text probe batch minus with the true h, "
         "same masks, eval mode, at decoder ratio 0.5 (h_gain@1: ratio 1.0, the decoder sees only h). "
@@ -602,11 +605,18 @@ def main(argv: list[str] | None = None) -> None:
             {"step": int(m[1]), "h_gain": float(m[2]), "h_gain@1": float(m[3]), "spread": float(m[4])}
             for m in pattern.finditer(text)
         ]
+        # The trainer's stage-1 log lines ({'loss': '13.2', ..., 'encoder_mlm': '6.6', 'decoder': '6.6', ...}).
+        stage1_log = [
+            entry
+            for entry in (ast.literal_eval(m[0]) for m in re.finditer(r"\{'loss'[^{}]*\}", text))
+            if "encoder_mlm" in entry
+        ]
         record = {
             "arm": arm,
             "seed": seed,
             "spec": parse_arm(arm),
             "h_gain_history": history,
+            "stage1_log": stage1_log,
             "stage1_steps": args.stage1_steps,
             "source": f"probe log lines of {args.record_from_log} (stage 2 not run)",
             "config": {k: v for k, v in vars(args).items() if k not in ("arm_list", "seed_list")},
