@@ -265,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
         pre,
         lr="auto",
         batch=32,
-        lr_help="auto: 1e-3 for retromae-tiny from scratch, 1e-4 for retromae-small, retromae-base and an "
-        "existing model",
+        lr_help="auto: 1e-3 for retromae-tiny and 5e-4 for retromae-small from scratch, 1e-4 for retromae-base "
+        "and an existing model",
     )
     _common(pre)
 

@@ -54,8 +54,8 @@ class Preset:
     heads: int
     intermediate: int
     # Stage 1's peak learning rate under ``auto``. retromae-tiny from scratch needs about 1e-3: at 1e-4 its
-    # decoder learns to ignore h before the encoder writes anything into [CLS]. retromae-small at 1e-3 did not
-    # leave the unigram plateau in 600 steps, so it keeps 1e-4 (benchmarks/README.md, "Stage-1 learning rate").
+    # decoder learns to ignore h before the encoder writes anything into [CLS]. retromae-small's h_gain rose
+    # fastest at 5e-4; at 1e-3 it never left the unigram plateau (benchmarks/README.md, "Stage-1 learning rate").
     learning_rate: float = PRETRAINED_LEARNING_RATE
     max_positions: int = 512
 
@@ -80,7 +80,7 @@ PRESETS: dict[str, Preset] = {
     # CPU minutes: tests and the offline quickstart.
     "retromae-tiny": Preset(layers=2, hidden=128, heads=2, intermediate=512, learning_rate=1e-3),
     # The "small" model of the reference measurements (SPEC section 9).
-    "retromae-small": Preset(layers=4, hidden=256, heads=4, intermediate=1024),
+    "retromae-small": Preset(layers=4, hidden=256, heads=4, intermediate=1024, learning_rate=5e-4),
     # BERT-base shape; the paper's rate (not measured here from scratch).
     "retromae-base": Preset(layers=12, hidden=768, heads=12, intermediate=3072),
 }

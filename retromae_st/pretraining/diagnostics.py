@@ -87,7 +87,8 @@ def stalled_message(
         advice = (
             "What made a from-scratch [CLS] learn where measured (benchmarks/results/cls_init.md): the "
             "presets' attention init (model.attention_init_gain: 1.0, the default; under BERT's init, null, "
-            "[CLS] is the same vector for every text) and, for retromae-tiny, a stage-1 learning rate near 1e-3; "
+            "[CLS] is the same vector for every text) and the stage-1 learning rate auto (1e-3 for retromae-tiny, "
+            "5e-4 for retromae-small); "
             "h_gain then rises after the first few hundred steps. Otherwise train longer, raise "
             "decoder_mask_ratio, or pool by mean (model.pooling: mean)."
         )
