@@ -106,7 +106,7 @@ def _training(parser: argparse.ArgumentParser, lr: float | str, batch: int, lr_h
     )
     parser.add_argument(
         "--lr",
-        type=_auto_or_factor if lr == "auto" else float,
+        type=_auto_or_positive if lr == "auto" else float,
         default=lr,
         help=f"peak learning rate (default {lr_help or lr})",
     )
@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pre.add_argument(
         "--head-lr-factor",
-        type=_auto_or_factor,
+        type=_auto_or_positive,
         default="auto",
         help="learning-rate multiple for the decoder and MLM head (default auto: 10 when the head is fresh "
         "and the encoder pretrained, else 1)",
@@ -464,16 +464,17 @@ def _gain_or_bert(value: str) -> float | str | None:
     return gain
 
 
-def _auto_or_factor(value: str) -> float | str:
+def _auto_or_positive(value: str) -> float | str:
+    """``auto`` or a finite number > 0 (argparse type: --head-lr-factor, pretrain --lr)."""
     if value == "auto":
         return value
     try:
-        factor = float(value)
+        number = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a number > 0, got {value!r}") from None
-    if not factor > 0 or factor == float("inf"):
+    if not number > 0 or number == float("inf"):
         raise argparse.ArgumentTypeError(f"expected 'auto' or a number > 0, got {value!r}")
-    return factor
+    return number
 
 
 def _loss_kwargs(args: argparse.Namespace) -> dict[str, Any]:
