@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from retromae_st import cli, recipes
 from retromae_st.models import PRESETS, PRETRAINED_LEARNING_RATE, stage1_learning_rate
 from retromae_st.pretraining import training
+from retromae_st.pretraining.diagnostics import stalled_message
 from retromae_st.pretraining.training import read_training_log
 
 
@@ -93,3 +94,27 @@ def test_a_recipe_without_a_rate_passes_the_presets_rate_to_stage_1(tmp_path, mo
         f"Stage 1 learning rate: {expected:g} (pretrain.learning_rate auto)"
         in (tmp_path / "run" / "run.log").read_text()
     )
+
+
+def test_every_text_that_quotes_the_auto_rates_names_the_presets_rates():
+    # The CLI help, the recipe field and the h_gain warning repeat the rates as text (cli and recipes do
+    # not import models, which pulls in torch), so a new rate in PRESETS must show up in all three.
+    pretrain = next(
+        action.choices["pretrain"] for action in cli.build_parser()._actions if action.dest == "command"
+    )
+    lr_help = next(action.help for action in pretrain._actions if action.dest == "lr")
+    field = recipes.PretrainSection.model_fields["learning_rate"].description
+
+    def as_written(rate: float) -> str:  # 0.001 -> "1e-3", as the texts write it
+        return f"{rate:.0e}".replace("e-0", "e-")
+
+    warning = stalled_message(0.0, None, 500, 1000, pooling="cls")
+    from_scratch = {
+        name: p.learning_rate for name, p in PRESETS.items() if p.learning_rate != PRETRAINED_LEARNING_RATE
+    }
+    assert from_scratch  # the presets with their own rate
+    for text in (lr_help, field, warning):
+        for name, rate in from_scratch.items():
+            assert as_written(rate) in text and name.removeprefix("retromae") in text, (name, text)
+    for text in (lr_help, field):
+        assert as_written(PRETRAINED_LEARNING_RATE) in text
