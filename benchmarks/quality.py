@@ -413,7 +413,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--include",
         default="",
-        help="comma list of earlier result JSON files (same settings) whose records join this run's table",
+        help="comma list of earlier result JSON files (same settings) whose records join this run's table; "
+        "with --arms= only their table is written (no data loaded, nothing trained or evaluated)",
     )
     parser.add_argument(
         "--skip-start", action="store_true", help="continued regime: do not evaluate the start model itself"
@@ -532,6 +533,9 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if not args.arm_list and args.include:
+        join(args, out)  # --arms= --include ...: the table of earlier runs' records, nothing trained
+        return
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="quality-bench-"))
     data = Path(args.data)
 
@@ -569,7 +573,7 @@ def main(argv: list[str] | None = None) -> None:
                 # The start model as it is: what a user has before any training (one record; it has no seed).
                 model = load_encoder(str(start), max_seq_length=args.max_len)
                 record_untrained(records, model, evals, probe, seed)
-                write(args, out, records, tokenizer, evals, time.perf_counter() - started)
+                write(args, out, records, len(tokenizer), describe(evals), time.perf_counter() - started)
         else:
             init_dir = work / f"seed{seed}" / "init"
             build_model(
@@ -635,6 +639,7 @@ def main(argv: list[str] | None = None) -> None:
                     "arm": arm + args.arm_suffix,
                     "pooling": pooling,
                     "regime": regime,
+                    "threads": args.threads,
                     "stage1": info,
                     "stage2": s2,
                     "mean_cos_after_stage1": cos1,
@@ -651,8 +656,22 @@ def main(argv: list[str] | None = None) -> None:
                     s2["final_loss"],
                     s2["ln_batch"],
                 )
-                write(args, out, records, tokenizer, evals, time.perf_counter() - started)
-    write(args, out, records, tokenizer, evals, time.perf_counter() - started)
+                write(args, out, records, len(tokenizer), describe(evals), time.perf_counter() - started)
+    write(args, out, records, len(tokenizer), describe(evals), time.perf_counter() - started)
+
+
+def join(args: argparse.Namespace, out: Path) -> None:
+    """Write one table of the ``--include`` runs' records, with their vocabulary size and evaluation sets
+    (each set as the first run that has it describes it), without loading data or training a tokenizer."""
+    reports = [json.loads(Path(path).read_text()) for path in args.include.split(",") if path]
+    if not reports:
+        raise SystemExit("quality.py: --arms is empty and --include names no result files: nothing to do")
+    eval_sets: dict[str, dict[str, Any]] = {}
+    for report in reports:
+        for e in report["eval_sets"]:
+            eval_sets.setdefault(e["name"], e)
+    records = [r for report in reports for r in report["records"]]
+    write(args, out, records, reports[0]["vocab_size"], list(eval_sets.values()), 0.0)
 
 
 def records_from(paths: str) -> list[dict[str, Any]]:
@@ -772,7 +791,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Does RetroMAE pay off? ({cfg['label']})",
         "",
-        f"Machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']}, {cfg['threads']} thread(s). "
+        f"Machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']}, {threads(report)} thread(s). "
         f"Wall time of this process {report['wall_seconds'] / 60:.0f} min.",
         "",
         (
@@ -783,8 +802,9 @@ def markdown(report: dict[str, Any]) -> str:
         + ", max length "
         f"{cfg['max_len']}. Stage 1: {cfg['stage1_steps']} steps, batch {cfg['stage1_batch']}, lr "
         f"{cfg['stage1_lr']}; `@time` arms get RetroMAE's stage-1 wall time. Stage 2 (MNRL, batch "
-        f"{cfg['stage2_batch']}, lr {cfg['stage2_lr']}): `full` = all train pairs, {cfg['stage2_steps']} "
-        f"steps; `scarce` = {cfg['scarce_pairs']} pairs, {cfg['scarce_steps']} steps. Seeds: {cfg['seeds']}."
+        f"{cfg['stage2_batch']}, lr {cfg['stage2_lr']}): `full` = all train pairs, "
+        f"{stage2_steps(report, 'full', cfg['stage2_steps'])} steps; `scarce` = {cfg['scarce_pairs']} pairs, "
+        f"{stage2_steps(report, 'scarce', cfg['scarce_steps'])} steps. Seeds: {cfg['seeds']}."
         " Evaluation: "
         + ", ".join(f"{e['name']} ({e['docs']} docs, {e['queries']} queries)" for e in report["eval_sets"])
         + ".",
@@ -823,6 +843,19 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def threads(report: dict[str, Any]) -> str:
+    """The torch threads the records ran with (a join's records may come from runs with other --threads
+    than the joining process); the run's own setting where no record says."""
+    counts = sorted({r["threads"] for r in report["records"] if "threads" in r})
+    return "/".join(map(str, counts)) if counts else str(report["config"]["threads"])
+
+
+def stage2_steps(report: dict[str, Any], regime: str, configured: int) -> str:
+    """The MNRL steps of ``regime`` as its records ran them, else the run's own setting."""
+    counts = sorted({r["stage2"]["steps"] for r in report["records"] if r["regime"] == regime})
+    return "/".join(map(str, counts)) if counts else str(configured)
 
 
 def loss_cell(row: dict[str, Any]) -> str:
@@ -876,9 +909,10 @@ def run_label(args: argparse.Namespace, records: list[dict[str, Any]]) -> str:
         row["seeds"] < len(args.seed_list) for row in summarise(records) if row["arm"] != "start"
     ):
         missing.append("fewer than 3 seeds for some arm")
-    if args.stage2_steps == 0:
+    regimes = {r["regime"] for r in records}  # a join (--include) has the regimes its records have
+    if args.stage2_steps == 0 and "full" not in regimes:
         missing.append("no full-pairs regime")
-    if args.scarce_pairs == 0:
+    if args.scarce_pairs == 0 and "scarce" not in regimes:
         missing.append("no label-scarce regime")
     if not [name for name in args.zero_shot.split(",") if name]:
         missing.append("no zero-shot sets")
@@ -891,7 +925,7 @@ def run_label(args: argparse.Namespace, records: list[dict[str, Any]]) -> str:
     return f"REDUCED run: {'; '.join(missing)}" if missing else "full configuration"
 
 
-def write(args, out: Path, records, tokenizer, evals, wall: float) -> None:
+def write(args, out: Path, records, vocab_size: int, eval_sets: list[dict[str, Any]], wall: float) -> None:
     cpu = platform.machine()
     try:
         for line in subprocess.run(
@@ -914,8 +948,8 @@ def write(args, out: Path, records, tokenizer, evals, wall: float) -> None:
             "torch": torch.__version__,
             "python": platform.python_version(),
         },
-        "vocab_size": len(tokenizer),
-        "eval_sets": describe(evals),
+        "vocab_size": vocab_size,
+        "eval_sets": eval_sets,
         "summary": [{k: v for k, v in r.items()} for r in summarise(records)],
         "records": records,
     }

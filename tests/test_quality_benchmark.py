@@ -52,6 +52,60 @@ def test_a_table_without_one_of_the_default_arms_names_it():
     assert quality.run_label(_args(), records) == "REDUCED run: arms not run: tsdae-mean"
 
 
+def test_a_join_has_the_regimes_of_its_records_whatever_the_joining_run_asks_for():
+    # Joining (--arms= --include ...) a scarce-only run's records with a full-only run's: the table is not
+    # missing a regime, though the joining process's own --stage2-steps is 0.
+    records = _records(3) + [dict(r, regime="full") for r in _records(3)]
+    assert quality.run_label(_args("--stage2-steps", "0"), records) == "full configuration"
+    assert quality.run_label(_args("--scarce-pairs", "0"), records) == "full configuration"
+    scarce_only = _records(3)
+    assert quality.run_label(_args("--stage2-steps", "0"), scarce_only) == "REDUCED run: no full-pairs regime"
+
+
+def test_a_joined_table_says_the_threads_and_stage2_steps_its_records_ran_with():
+    scarce = [dict(r, stage2=dict(r["stage2"], steps=50)) for r in _records(3)]
+    full = [dict(r, regime="full", threads=1, stage2=dict(r["stage2"], steps=200)) for r in _records(3)]
+    report = {
+        "environment": {"cpu": "cpu", "cores": 2, "torch": "2"},
+        "config": {**vars(_args("--stage2-steps", "0", "--threads", "2")), "label": "x"},
+        "wall_seconds": 0.0,
+        "command": "python benchmarks/quality.py --arms=",
+        "vocab_size": 10,
+        "eval_sets": [],
+        "records": scarce + full,  # the scarce records carry no thread count, as older runs' do
+    }
+    header = quality.markdown(report)
+    assert "1 thread(s)" in header
+    assert "`full` = all train pairs, 200 steps" in header
+    assert "`scarce` = 1000 pairs, 50 steps" in header  # the records' 50, not the default 100
+    report["records"] = []
+    header = quality.markdown(report)
+    assert "2 thread(s)" in header and "`full` = all train pairs, 0 steps" in header
+
+
+def test_a_join_writes_the_table_of_its_runs_without_loading_data(tmp_path):
+    # --data does not exist: a join that loaded the corpus or trained a tokenizer would fail.
+    committed = json.loads((RESULTS / "quality_continued_zs_none.json").read_text())
+    scarce, full = dict(committed), dict(committed)
+    full["eval_sets"] = committed["eval_sets"][:1]  # a run without the zero-shot sets
+    full["records"] = [dict(r, regime="full") for r in committed["records"] if r["regime"] == "scarce"]
+    paths = []
+    for name, report in (("scarce", scarce), ("full", full)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(report))
+    quality.main(
+        ["--data", "/nonexistent", "--arms=", "--include", ",".join(map(str, paths)),
+         "--output-dir", str(tmp_path), "--name", "joined"]
+    )  # fmt: skip
+    joined = json.loads((tmp_path / "joined.json").read_text())
+    assert joined["records"] == committed["records"] + full["records"]
+    assert joined["eval_sets"] == committed["eval_sets"]
+    assert joined["vocab_size"] == committed["vocab_size"]
+    table = (tmp_path / "joined.md").read_text()
+    assert "| full | none-mean | 3 |" in table and "| scarce | none-mean | 3 |" in table
+    assert (tmp_path / "joined.png").stat().st_size > 0
+
+
 def _timing(seed: int, arm: str, seconds: float, steps: int) -> dict:
     return {
         "seed": seed,
