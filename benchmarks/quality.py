@@ -839,10 +839,67 @@ def markdown(report: dict[str, Any]) -> str:
         "± is the standard deviation over seeds (0 with one seed). A stage-2 loss near ln B means the "
         "model did not learn to tell texts apart; a mean cosine near 1 means collapsed embeddings.",
         "",
-        f"Command: `{report['command']}`",
-        "",
     ]
+    found = margins(rows, names)
+    if found:
+        lines += [
+            "RetroMAE against no stage 1 and against the best other arm of each regime and set, nDCG@10 in "
+            "points. Two yardsticks of noise: 2 std = twice the standard deviation of the difference of two "
+            "single runs, 2 sqrt(s_a^2 + s_b^2); 2 SE = twice the standard error of the difference of the "
+            "means, 2 sqrt(s_a^2 / n_a + s_b^2 / n_b). Reading: `met` = ahead by more than 2 points beyond "
+            "the yardstick (issue #11's target), `ahead` / `behind` = beyond it, `tie` = within it.",
+            "",
+            "| regime | set | RetroMAE arm | against | Δ nDCG@10 | 2 std | 2 SE | by 2 std | by 2 SE |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {m['regime']} | {m['set']} | {m['arm']} | {m['against']} | {m['delta']:+.2f} | "
+            f"{m['two_std']:.2f} | {m['two_se']:.2f} | {reading(m['delta'], m['two_std'])} | "
+            f"{reading(m['delta'], m['two_se'])} |"
+            for m in found
+        ]
+        lines.append("")
+    lines += [f"Command: `{report['command']}`", ""]
     return "\n".join(lines)
+
+
+def margins(rows: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+    """Each ``retromae*`` arm against ``none-<its pooling>`` and against the best other arm (highest mean
+    nDCG@10, neither RetroMAE nor the start model), per stage-2 regime and evaluation set, in points."""
+    found = []
+    for regime in sorted({r["regime"] for r in rows} & {"full", "scarce"}):
+        in_regime = {r["arm"]: r for r in rows if r["regime"] == regime}
+        for name in names:
+            key = f"{name}/ndcg@10"
+            scored = {arm: r for arm, r in in_regime.items() if key in r}
+            others = {arm: r for arm, r in scored.items() if not arm.startswith("retromae")}
+            best = max(others, key=lambda arm: others[arm][key][0], default=None)
+            for arm in sorted(a for a in scored if a.startswith("retromae")):
+                baselines = ["none-" + arm.split("-", 1)[1], best]
+                for against in dict.fromkeys(b for b in baselines if b in others):
+                    (ma, sa), (mb, sb) = scored[arm][key], others[against][key]
+                    na, nb = scored[arm]["seeds"], others[against]["seeds"]
+                    found.append(
+                        {
+                            "regime": regime,
+                            "set": name,
+                            "arm": arm,
+                            "against": against if against != best else f"{against} (best other)",
+                            "delta": 100 * (ma - mb),
+                            "two_std": 200 * math.sqrt(sa**2 + sb**2),
+                            "two_se": 200 * math.sqrt(sa**2 / na + sb**2 / nb),
+                        }
+                    )
+    return found
+
+
+def reading(delta: float, noise: float) -> str:
+    """How a difference in points reads against a noise yardstick (issue #11: +2 points beyond 2 std)."""
+    if delta > 2 + noise:
+        return "met"
+    if delta > noise:
+        return "ahead"
+    return "behind" if delta < -noise else "tie"
 
 
 def threads(report: dict[str, Any]) -> str:

@@ -106,6 +106,42 @@ def test_a_join_writes_the_table_of_its_runs_without_loading_data(tmp_path):
     assert (tmp_path / "joined.png").stat().st_size > 0
 
 
+def _row(regime: str, arm: str, mean: float, std: float, seeds: int = 3) -> dict:
+    return {"regime": regime, "arm": arm, "seeds": seeds, "debian-pkgs/ndcg@10": (mean, std)}
+
+
+def test_retromae_is_measured_against_no_stage_1_and_the_best_other_arm_with_both_noise_yardsticks():
+    rows = [
+        _row("full", "retromae-mean", 0.716, 0.003),
+        _row("full", "none-mean", 0.640, 0.010),
+        _row("full", "tsdae-mean", 0.685, 0.003),
+        _row("full", "mlm-mean", 0.572, 0.003),
+        _row("start", "start", 0.9, 0.0, seeds=1),  # neither a baseline nor compared
+        _row("stage1", "retromae-mean", 0.3, 0.0),
+    ]
+    found = quality.margins(rows, ["debian-pkgs"])
+    assert [(m["arm"], m["against"]) for m in found] == [
+        ("retromae-mean", "none-mean"),
+        ("retromae-mean", "tsdae-mean (best other)"),
+    ]
+    tsdae = found[1]
+    assert tsdae["delta"] == pytest.approx(3.1)
+    assert tsdae["two_std"] == pytest.approx(200 * (2 * 0.003**2) ** 0.5)
+    assert tsdae["two_se"] == pytest.approx(tsdae["two_std"] / 3**0.5)
+    # When no stage 1 is itself the best other arm, it is compared once.
+    best_is_none = [_row("scarce", "retromae-mean", 0.5, 0.01), _row("scarce", "none-mean", 0.6, 0.01)]
+    assert [m["against"] for m in quality.margins(best_is_none, ["debian-pkgs"])] == [
+        "none-mean (best other)"
+    ]
+
+
+def test_a_margin_reads_met_only_two_points_beyond_the_noise():
+    assert quality.reading(3.06, 0.90) == "met"
+    assert quality.reading(2.80, 0.90) == "ahead"
+    assert quality.reading(-0.41, 0.63) == "tie"
+    assert quality.reading(-0.41, 0.36) == "behind"
+
+
 def _timing(seed: int, arm: str, seconds: float, steps: int) -> dict:
     return {
         "seed": seed,
