@@ -977,6 +977,11 @@ def run_label(args: argparse.Namespace, records: list[dict[str, Any]]) -> str:
     absent = [a for a in DEFAULT_ARMS if a not in arms]
     if absent:
         missing.append(f"arms not run: {', '.join(absent)}")
+    for regime in sorted(regimes & {"full", "scarce"}):  # an arm run in one stage-2 regime but not the other
+        here = {r["arm"] for r in records if r["regime"] == regime}
+        gaps = [a for a in DEFAULT_ARMS if a in arms and a not in here]
+        if gaps:
+            missing.append(f"arms not run in {regime}: {', '.join(gaps)}")
     if any(a.split("-")[0] in TIMED_METHODS for a in arms) and not any("@time" in a for a in arms):
         missing.append("no equal-time arms")
     return f"REDUCED run: {'; '.join(missing)}" if missing else "full configuration"

@@ -62,6 +62,12 @@ def test_a_join_has_the_regimes_of_its_records_whatever_the_joining_run_asks_for
     assert quality.run_label(_args("--stage2-steps", "0"), scarce_only) == "REDUCED run: no full-pairs regime"
 
 
+def test_a_join_names_the_arms_one_stage2_regime_lacks():
+    full = [dict(r, regime="full") for r in _records(3) if r["arm"] in ("retromae-mean", "none-mean")]
+    label = quality.run_label(_args(), _records(3) + full)
+    assert label == "REDUCED run: arms not run in full: mlm-mean, tsdae-mean"
+
+
 def test_a_joined_table_says_the_threads_and_stage2_steps_its_records_ran_with():
     scarce = [dict(r, stage2=dict(r["stage2"], steps=50)) for r in _records(3)]
     full = [dict(r, regime="full", threads=1, stage2=dict(r["stage2"], steps=200)) for r in _records(3)]
