@@ -526,6 +526,10 @@ def resolve_start_model(name: str) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if not args.arm_list and args.include:
+        # --arms= --include ...: the table of earlier runs' records; nothing trained, so nothing set up
+        join(args, Path(args.output_dir))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("retromae_st").setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -533,9 +537,6 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not args.arm_list and args.include:
-        join(args, out)  # --arms= --include ...: the table of earlier runs' records, nothing trained
-        return
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="quality-bench-"))
     data = Path(args.data)
 
@@ -671,6 +672,7 @@ def join(args: argparse.Namespace, out: Path) -> None:
         for e in report["eval_sets"]:
             eval_sets.setdefault(e["name"], e)
     records = [r for report in reports for r in report["records"]]
+    out.mkdir(parents=True, exist_ok=True)
     write(args, out, records, reports[0]["vocab_size"], list(eval_sets.values()), 0.0)
 
 

@@ -4,10 +4,12 @@ equal wall-clock arms get RetroMAE's stage-1 time from this run or from earlier 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import quality  # noqa: E402
@@ -95,6 +97,7 @@ def test_a_join_writes_the_table_of_its_runs_without_loading_data(tmp_path):
     scarce, full = dict(committed), dict(committed)
     full["eval_sets"] = committed["eval_sets"][:1]  # a run without the zero-shot sets
     full["records"] = [dict(r, regime="full") for r in committed["records"] if r["regime"] == "scarce"]
+    retromae_level, threads = logging.getLogger("retromae_st").level, torch.get_num_threads()
     paths = []
     for name, report in (("scarce", scarce), ("full", full)):
         paths.append(tmp_path / f"{name}.json")
@@ -103,6 +106,9 @@ def test_a_join_writes_the_table_of_its_runs_without_loading_data(tmp_path):
         ["--data", "/nonexistent", "--arms=", "--include", ",".join(map(str, paths)),
          "--output-dir", str(tmp_path), "--name", "joined"]
     )  # fmt: skip
+    # A join sets nothing up: the logging and torch settings of a training run would leak into later tests.
+    assert logging.getLogger("retromae_st").level == retromae_level
+    assert torch.get_num_threads() == threads
     joined = json.loads((tmp_path / "joined.json").read_text())
     assert joined["records"] == committed["records"] + full["records"]
     assert joined["eval_sets"] == committed["eval_sets"]
