@@ -664,7 +664,7 @@ def main(argv: list[str] | None = None) -> None:
 def join(args: argparse.Namespace, out: Path) -> None:
     """Write one table of the ``--include`` runs' records, with their vocabulary size and evaluation sets
     (each set as the first run that has it describes it), without loading data or training a tokenizer."""
-    reports = [json.loads(Path(path).read_text()) for path in args.include.split(",") if path]
+    reports = reports_from(args.include)
     if not reports:
         raise SystemExit("quality.py: --arms is empty and --include names no result files: nothing to do")
     eval_sets: dict[str, dict[str, Any]] = {}
@@ -676,9 +676,14 @@ def join(args: argparse.Namespace, out: Path) -> None:
     write(args, out, records, reports[0]["vocab_size"], list(eval_sets.values()), 0.0)
 
 
+def reports_from(paths: str) -> list[dict[str, Any]]:
+    """Earlier result JSON files, given as a comma list ('' for none)."""
+    return [json.loads(Path(path).read_text()) for path in paths.split(",") if path]
+
+
 def records_from(paths: str) -> list[dict[str, Any]]:
     """The records of earlier result JSON files, given as a comma list ('' for none)."""
-    return [r for path in paths.split(",") if path for r in json.loads(Path(path).read_text())["records"]]
+    return [r for report in reports_from(paths) for r in report["records"]]
 
 
 def describe(evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -907,14 +912,19 @@ def reading(delta: float, noise: float) -> str:
 def threads(report: dict[str, Any]) -> str:
     """The torch threads the records ran with (a join's records may come from runs with other --threads
     than the joining process); the run's own setting where no record says."""
-    counts = sorted({r["threads"] for r in report["records"] if "threads" in r})
-    return "/".join(map(str, counts)) if counts else str(report["config"]["threads"])
+    recorded = [r["threads"] for r in report["records"] if "threads" in r]
+    return as_recorded(recorded, report["config"]["threads"])
 
 
 def stage2_steps(report: dict[str, Any], regime: str, configured: int) -> str:
     """The MNRL steps of ``regime`` as its records ran them, else the run's own setting."""
-    counts = sorted({r["stage2"]["steps"] for r in report["records"] if r["regime"] == regime})
-    return "/".join(map(str, counts)) if counts else str(configured)
+    return as_recorded([r["stage2"]["steps"] for r in report["records"] if r["regime"] == regime], configured)
+
+
+def as_recorded(values: list[Any], configured: Any) -> str:
+    """The distinct values records ran with, '/'-joined; ``configured`` where no record has one."""
+    distinct = sorted(set(values))
+    return "/".join(map(str, distinct)) if distinct else str(configured)
 
 
 def loss_cell(row: dict[str, Any]) -> str:
