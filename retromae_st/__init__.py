@@ -30,6 +30,7 @@ _EXPORTS = {
     "Preset": "retromae_st.models",
     "build_model": "retromae_st.models",
     "load_encoder": "retromae_st.models",
+    "stage1_learning_rate": "retromae_st.models",
     "train_wordpiece_tokenizer": "retromae_st.models",
     # data
     "CorpusStats": "retromae_st.data.sources",
@@ -66,6 +67,7 @@ __all__ = [
     "Preset",
     "build_model",
     "load_encoder",
+    "stage1_learning_rate",
     "train_wordpiece_tokenizer",
     "CorpusStats",
     "LengthGroupedBatchSampler",
@@ -110,7 +112,14 @@ if TYPE_CHECKING:
     from retromae_st.evaluation import evaluate
     from retromae_st.finetuning.negatives import mine_negatives
     from retromae_st.finetuning.pairs import dev_evaluator, load_pairs
-    from retromae_st.models import PRESETS, Preset, build_model, load_encoder, train_wordpiece_tokenizer
+    from retromae_st.models import (
+        PRESETS,
+        Preset,
+        build_model,
+        load_encoder,
+        stage1_learning_rate,
+        train_wordpiece_tokenizer,
+    )
     from retromae_st.pipeline import run_recipe
     from retromae_st.pretraining.decoder import RetroMAEDecoder
     from retromae_st.pretraining.loss import NonFiniteLossError, RetroMAELoss

@@ -41,8 +41,14 @@ PRESET_MAX_SEQ_LENGTH = 128
 # (see scale_attention_init). None keeps BERT's initialisation everywhere.
 PRESET_ATTENTION_INIT_GAIN: float | None = 1.0
 # Stage 1's peak learning rate when a recipe or the CLI says ``auto``, unless a preset sets its own: an
-# existing encoder is continued gently (the rate of the RetroMAE paper's BERT-base runs).
+# existing encoder with its masked-LM head is continued gently (the rate of the RetroMAE paper's BERT-base
+# runs, which continued BERT with its head).
 PRETRAINED_LEARNING_RATE = 1e-4
+# ... and one saved without that head (an embedding model such as all-MiniLM-L6-v2) at half of it: its fresh
+# head and decoder pull it further from what it already does well. Measured continuing all-MiniLM-L6-v2 on
+# debian-pkgs for 300 steps (dev split, 3 seeds; benchmarks/README.md, "The stage-1 rate for an existing
+# model"): after the same stage 2, 1e-4 ended below stage 2 alone and 5e-5 level with it.
+HEADLESS_LEARNING_RATE = 5e-5
 
 
 @dataclass(frozen=True)
@@ -86,12 +92,36 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def stage1_learning_rate(learning_rate: float | str, model: str | None) -> float:
+def stage1_learning_rate(
+    learning_rate: float | str, model: str | None, loaded: SentenceTransformer | None = None
+) -> float:
     """Stage 1's peak learning rate: ``learning_rate`` itself, or for ``"auto"`` the preset's own rate when
-    ``model`` names a preset (:data:`PRESETS`) and :data:`PRETRAINED_LEARNING_RATE` for an existing model."""
+    ``model`` names a preset (:data:`PRESETS`), and for an existing model :data:`PRETRAINED_LEARNING_RATE`
+    (1e-4), or :data:`HEADLESS_LEARNING_RATE` (5e-5) when ``loaded``, the model as loaded, has no masked-LM
+    head for RetroMAE's shared head to start from (an embedding model). Without ``loaded`` an existing model
+    gets 1e-4 (what the option checks need before the model is loaded)."""
     if learning_rate != "auto":
         return float(learning_rate)
-    return PRESETS[model].learning_rate if model in PRESETS else PRETRAINED_LEARNING_RATE
+    if model in PRESETS:
+        return PRESETS[model].learning_rate
+    if loaded is not None:
+        from retromae_st.pretraining.loss import has_pretrained_head
+
+        try:
+            headed = has_pretrained_head(loaded)
+        except ValueError:  # an encoder RetroMAE cannot use: the loss says so, in its own words, when built
+            return PRETRAINED_LEARNING_RATE
+        return PRETRAINED_LEARNING_RATE if headed else HEADLESS_LEARNING_RATE
+    return PRETRAINED_LEARNING_RATE
+
+
+def describe_auto_rate(model: str | None, rate: float) -> str:
+    """Why ``auto`` chose ``rate`` (what :func:`stage1_learning_rate` returned), for the log line stating it."""
+    if model in PRESETS:
+        return f"the {model} preset's rate"
+    if rate == HEADLESS_LEARNING_RATE:
+        return "an existing model without a masked-LM head"
+    return "an existing model"
 
 
 def train_wordpiece_tokenizer(

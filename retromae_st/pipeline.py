@@ -431,7 +431,7 @@ def corpus_dataset(recipe: Recipe) -> Dataset:
 
 def stage1(run: Run, model: SentenceTransformer) -> SentenceTransformer:
     from retromae_st.data.tokenize import tokenize_corpus
-    from retromae_st.models import stage1_learning_rate
+    from retromae_st.models import describe_auto_rate, stage1_learning_rate
     from retromae_st.pretraining.training import pretrain
 
     final = run.stage1 / "final"
@@ -439,9 +439,14 @@ def stage1(run: Run, model: SentenceTransformer) -> SentenceTransformer:
         logger.info("Stage 1 is complete (%s): skipped", final)
         return load_own_model(final)
     spec = run.recipe.pretrain
-    learning_rate = stage1_learning_rate(spec.learning_rate, run.recipe.model.preset)
+    preset = run.recipe.model.preset
+    learning_rate = stage1_learning_rate(spec.learning_rate, preset, loaded=model)
     if spec.learning_rate == "auto":
-        logger.info("Stage 1 learning rate: %g (pretrain.learning_rate auto)", learning_rate)
+        logger.info(
+            "Stage 1 learning rate: %g (pretrain.learning_rate auto: %s)",
+            learning_rate,
+            describe_auto_rate(preset, learning_rate),
+        )
     windows, stats = tokenize_corpus(
         run.corpus(),
         model.tokenizer,

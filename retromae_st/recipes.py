@@ -133,7 +133,8 @@ class PretrainSection(_Section):
     batch_size: int = Field(default=32, ge=1)
     learning_rate: Literal["auto"] | Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
         default="auto",
-        description="peak learning rate; auto: 1e-3 / 5e-4 for retromae-tiny / -small from scratch, else 1e-4",
+        description="peak learning rate; auto: 1e-3 / 5e-4 for retromae-tiny / -small from scratch, else 1e-4, "
+        "or 5e-5 for an existing model without a masked-LM head (an embedding model)",
     )
     epochs: float = Field(default=1.0, gt=0)
     max_steps: int = -1

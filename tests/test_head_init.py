@@ -16,8 +16,14 @@ from transformers import TrainerCallback
 
 from retromae_st.cli import build_parser
 from retromae_st.errors import UserInputError
-from retromae_st.models import build_model, load_encoder
-from retromae_st.pretraining.loss import RetroMAELoss
+from retromae_st.models import (
+    HEADLESS_LEARNING_RATE,
+    PRETRAINED_LEARNING_RATE,
+    build_model,
+    load_encoder,
+    stage1_learning_rate,
+)
+from retromae_st.pretraining.loss import RetroMAELoss, has_pretrained_head
 from retromae_st.pretraining.training import pretrain
 from retromae_st.recipes import RetroMAEOptions
 
@@ -189,6 +195,32 @@ def test_auto_head_lr_factor_only_for_a_fresh_head_on_a_pretrained_encoder(token
     mlm.save_pretrained(tmp_path / "bert")
     tok.save_pretrained(tmp_path / "bert")
     assert RetroMAELoss(load_encoder(str(tmp_path / "bert"))).head_lr_factor == 1.0  # the checkpoint's head
+
+
+def test_auto_stage1_rate_halves_for_an_existing_model_without_a_masked_lm_head(tokenizer, tmp_path):
+    mlm, tok, _ = _masked_lm("bert", tokenizer, None)
+    mlm.save_pretrained(tmp_path / "bert")
+    tok.save_pretrained(tmp_path / "bert")
+    headed = load_encoder(str(tmp_path / "bert"))
+    assert has_pretrained_head(headed)
+    assert (
+        stage1_learning_rate("auto", str(tmp_path / "bert"), loaded=headed)
+        == PRETRAINED_LEARNING_RATE
+        == 1e-4
+    )
+
+    _pretrained_looking(tokenizer, tmp_path / "embedding")  # saved without a head, as an embedding model
+    headless = load_encoder(str(tmp_path / "embedding"))
+    assert not has_pretrained_head(headless)
+    assert (
+        stage1_learning_rate("auto", str(tmp_path / "embedding"), loaded=headless) == HEADLESS_LEARNING_RATE
+    )
+    assert HEADLESS_LEARNING_RATE == 5e-5
+    assert (
+        stage1_learning_rate("auto", str(tmp_path / "embedding")) == 1e-4
+    )  # not loaded yet: the checks' value
+    assert stage1_learning_rate(3e-4, str(tmp_path / "embedding"), loaded=headless) == 3e-4  # explicit: kept
+    assert stage1_learning_rate("auto", "retromae-tiny", loaded=headless) == 1e-3  # a preset keeps its own
 
 
 def test_the_trainer_gives_the_decoder_and_head_their_learning_rate(tokenizer, windows_for_warmup, tmp_path):

@@ -1,4 +1,5 @@
-"""Stage 1's learning rate defaults to ``auto``: 1e-3 / 5e-4 for retromae-tiny / -small from scratch, else 1e-4.
+"""Stage 1's learning rate defaults to ``auto``: 1e-3 / 5e-4 for retromae-tiny / -small from scratch, else 1e-4,
+or 5e-5 for an existing model without a masked-LM head (an embedding model).
 
 At 1e-4 a from-scratch retromae-tiny's decoder learns to ignore h before the encoder writes the text into
 [CLS], so the old fixed default was a setting under which its stage 1 did not train the embedding.
@@ -15,7 +16,14 @@ from conftest import make_texts
 from pydantic import ValidationError
 
 from retromae_st import cli, recipes
-from retromae_st.models import PRESETS, PRETRAINED_LEARNING_RATE, stage1_learning_rate
+from retromae_st.models import (
+    HEADLESS_LEARNING_RATE,
+    PRESETS,
+    PRETRAINED_LEARNING_RATE,
+    build_model,
+    stage1_learning_rate,
+    train_wordpiece_tokenizer,
+)
 from retromae_st.pretraining import training
 from retromae_st.pretraining.diagnostics import stalled_message
 from retromae_st.pretraining.training import read_training_log
@@ -60,7 +68,7 @@ def test_cli_pretrain_of_a_preset_trains_at_1e_3_by_default(tmp_path, caplog):
             "--batch-size", "8", "--logging-steps", "1"]  # fmt: skip
     with caplog.at_level(logging.INFO):
         assert cli.main(argv) == 0
-    assert "Stage 1 learning rate: 0.001 (--lr auto)" in caplog.text
+    assert "Stage 1 learning rate: 0.001 (--lr auto: the retromae-tiny preset's rate)" in caplog.text
     # The trainer's schedule peaks at that rate (after one warm-up step of the 4).
     rates = [
         entry["learning_rate"] for entry in read_training_log(tmp_path / "pt") if "learning_rate" in entry
@@ -68,8 +76,43 @@ def test_cli_pretrain_of_a_preset_trains_at_1e_3_by_default(tmp_path, caplog):
     assert max(rates) == pytest.approx(1e-3)
 
 
-@pytest.mark.parametrize(("preset", "expected"), [("retromae-tiny", 1e-3), ("retromae-small", 5e-4)])
-def test_a_recipe_without_a_rate_passes_the_presets_rate_to_stage_1(tmp_path, monkeypatch, preset, expected):
+def _existing_model_without_head(tmp_path, texts) -> str:
+    """A model folder as an embedding model is saved: encoder weights, no masked-LM head."""
+    folder = tmp_path / "embedding-model"
+    build_model(
+        "retromae-tiny", train_wordpiece_tokenizer(texts, vocab_size=150), max_seq_length=32, save_dir=folder
+    )
+    return str(folder)
+
+
+def test_cli_pretrain_of_an_existing_model_without_a_head_trains_at_5e_5_by_default(tmp_path, caplog):
+    texts = make_texts(40, seed=4)
+    (tmp_path / "c.txt").write_text("\n".join(texts) + "\n")
+    model = _existing_model_without_head(tmp_path, texts)
+    argv = ["pretrain", "--model", model, "--corpus", str(tmp_path / "c.txt"), "--output", str(tmp_path / "pt"),
+            "--max-steps", "4", "--batch-size", "8", "--logging-steps", "1"]  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        assert cli.main(argv) == 0
+    assert (
+        "Stage 1 learning rate: 5e-05 (--lr auto: an existing model without a masked-LM head)" in caplog.text
+    )
+    rates = [
+        entry["learning_rate"] for entry in read_training_log(tmp_path / "pt") if "learning_rate" in entry
+    ]
+    assert max(rates) == pytest.approx(HEADLESS_LEARNING_RATE)
+
+
+@pytest.mark.parametrize(
+    ("preset", "expected", "why"),
+    [
+        ("retromae-tiny", 1e-3, "the retromae-tiny preset's rate"),
+        ("retromae-small", 5e-4, "the retromae-small preset's rate"),
+        (None, 5e-5, "an existing model without a masked-LM head"),
+    ],
+)
+def test_a_recipe_without_a_rate_passes_the_auto_rate_to_stage_1(
+    tmp_path, monkeypatch, preset, expected, why
+):
     seen: dict[str, float] = {}
 
     class Stop(Exception):
@@ -80,10 +123,15 @@ def test_a_recipe_without_a_rate_passes_the_presets_rate_to_stage_1(tmp_path, mo
         raise Stop
 
     monkeypatch.setattr(training, "pretrain", fake_pretrain)
-    (tmp_path / "c.txt").write_text("\n".join(make_texts(40, seed=5)) + "\n")
+    texts = make_texts(40, seed=5)
+    (tmp_path / "c.txt").write_text("\n".join(texts) + "\n")
+    if preset is None:
+        model = f"model:\n  name_or_path: {_existing_model_without_head(tmp_path, texts)}\n"
+    else:
+        model = f"model:\n  preset: {preset}\n  vocab_size: 150\n"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        f"name: lr\noutput_dir: run\nmodel:\n  preset: {preset}\n  vocab_size: 150\n"
+        f"name: lr\noutput_dir: run\n{model}"
         f"pretrain:\n  corpus: {tmp_path / 'c.txt'}\n  max_steps: 2\n"
         "finetune:\n  enabled: false\nevaluation:\n  enabled: false\n"
     )
@@ -91,7 +139,7 @@ def test_a_recipe_without_a_rate_passes_the_presets_rate_to_stage_1(tmp_path, mo
         cli.main(["run", str(recipe), "--output-root", str(tmp_path)])
     assert seen["learning_rate"] == expected
     assert (
-        f"Stage 1 learning rate: {expected:g} (pretrain.learning_rate auto)"
+        f"Stage 1 learning rate: {expected:g} (pretrain.learning_rate auto: {why})"
         in (tmp_path / "run" / "run.log").read_text()
     )
 
@@ -118,3 +166,4 @@ def test_every_text_that_quotes_the_auto_rates_names_the_presets_rates():
             assert as_written(rate) in text and name.removeprefix("retromae") in text, (name, text)
     for text in (lr_help, field):
         assert as_written(PRETRAINED_LEARNING_RATE) in text
+        assert as_written(HEADLESS_LEARNING_RATE) in text and "masked-LM head" in text

@@ -617,9 +617,7 @@ class RetroMAELoss(nn.Module):
 
     def _load_pretrained_head(self, transformer: Transformer) -> str | None:
         """Start the shared MLM head from the checkpoint's own; returns where it came from, or None."""
-        source = getattr(transformer.auto_model, "name_or_path", None)
-        tensors, where = checkpoint_tensors(source, pretrained_head_names())
-        found = pretrained_head_state(tensors, self.head.state_dict()) if tensors else None
+        found, tensors, where = _checkpoint_head(transformer, self.head.state_dict())
         if found is None:
             if tensors:
                 reason = f"the head in {where} does not fit this model's vocabulary or hidden size"
@@ -951,6 +949,27 @@ def _unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def has_pretrained_head(model: SentenceTransformer) -> bool:
+    """Whether :class:`RetroMAELoss` on ``model`` would start its shared MLM head from the checkpoint's own
+    masked-LM head (``--lr auto`` continues such a model at the paper's rate, one without at half of it).
+
+    Reads only the head's tensors from the checkpoint's safetensors files, as the loss does.
+    """
+    transformer = _transformer_module(model)
+    adapter = adapt_encoder(transformer.auto_model)
+    expected = MLMHead(adapter.hidden_size, adapter.vocab_size).state_dict()
+    return _checkpoint_head(transformer, expected)[0] is not None
+
+
+def _checkpoint_head(
+    transformer: Transformer, expected: dict[str, torch.Tensor]
+) -> tuple[tuple[dict[str, torch.Tensor], str] | None, dict[str, torch.Tensor], str]:
+    """(the head state and layout found in the encoder's checkpoint or None, the head tensors read, where)."""
+    source = getattr(transformer.auto_model, "name_or_path", None)
+    tensors, where = checkpoint_tensors(source, pretrained_head_names())
+    return (pretrained_head_state(tensors, expected) if tensors else None), tensors, where
 
 
 def _transformer_module(model: nn.Module) -> Transformer:
