@@ -267,7 +267,7 @@ def build_model(
         pooling: ``"cls"`` for RetroMAE (the decoder reads the [CLS] vector; the default, None, means
             this); ``"mean"`` for a from-scratch model fine-tuned without RetroMAE.
         save_dir: where the initial weights are written (Sentence-Transformers builds its
-            ``Transformer`` module from a folder); a temporary folder when None.
+            ``Transformer`` module from a folder); None: a temporary folder, removed once the model is loaded.
         seed: seeds the weight initialisation.
         attention_init_gain: the attention value and output projections start at std
             ``gain / sqrt(hidden)`` (:func:`scale_attention_init`), so that [CLS] depends on the text from
@@ -301,11 +301,25 @@ def build_model(
     config = shape.bert_config(tokenizer)
     if seed is not None:
         torch.manual_seed(seed)
-    folder = Path(save_dir) if save_dir is not None else Path(tempfile.mkdtemp(prefix="retromae-init-"))
-    folder.mkdir(parents=True, exist_ok=True)
     bert = BertModel(config)
     if attention_init_gain is not None:
         scale_attention_init(bert, float(attention_init_gain))
+    if save_dir is not None:
+        return _save_and_assemble(
+            bert, tokenizer, Path(save_dir), max_seq_length=max_seq_length, pooling=pooling
+        )
+    # Once loaded, the model no longer needs its folder: remove it rather than leave one per call in /tmp.
+    with tempfile.TemporaryDirectory(prefix="retromae-init-") as folder:
+        return _save_and_assemble(
+            bert, tokenizer, Path(folder), max_seq_length=max_seq_length, pooling=pooling
+        )
+
+
+def _save_and_assemble(
+    bert: BertModel, tokenizer: PreTrainedTokenizerBase, folder: Path, *, max_seq_length: int, pooling: str
+) -> SentenceTransformer:
+    """Write ``bert`` and ``tokenizer`` to ``folder`` and load them back as ``Transformer`` + ``Pooling``."""
+    folder.mkdir(parents=True, exist_ok=True)
     bert.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return _assemble(str(folder), max_seq_length=max_seq_length, pooling=pooling)

@@ -7,6 +7,7 @@ The hub is never reached: hub names resolve against a hub-cache layout built in 
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -266,3 +267,15 @@ def test_pretrain_cli_from_an_existing_model_keeps_its_pooling_and_length(st_fol
     assert json.loads((final / "1_Pooling" / "config.json").read_text())["pooling_mode"] == "mean"
     assert load_encoder(str(final)).max_seq_length == 48  # the CLI's default was 128
     assert "pools by mean" in caplog.text
+
+
+def test_build_model_without_a_folder_leaves_none_behind(tokenizer, tmp_path, monkeypatch):
+    """Without ``save_dir`` the initial weights go to a temporary folder that is removed once loaded."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    model = build_model(TINY, tokenizer, max_seq_length=32, seed=3)
+    assert list(scratch.iterdir()) == []
+    kept = build_model(TINY, tokenizer, max_seq_length=32, seed=3, save_dir=tmp_path / "kept")
+    assert (tmp_path / "kept" / "model.safetensors").is_file()
+    np.testing.assert_allclose(model.encode(TEXTS), kept.encode(TEXTS), rtol=1e-5, atol=1e-6)
