@@ -369,7 +369,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from retromae_st.data.sources import load_texts
     from retromae_st.data.tokenize import tokenize_corpus
     from retromae_st.io import ensure_can_write
-    from retromae_st.models import PRESETS, describe_auto_rate, load_encoder, stage1_learning_rate
+    from retromae_st.models import PRESETS, load_encoder, resolve_stage1_learning_rate, stage1_learning_rate
     from retromae_st.pipeline import add_file_logging, is_main_process, main_process_first
     from retromae_st.pretraining.training import check_pretrain_options, pretrain
 
@@ -402,13 +402,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
             args.model, max_seq_length=args.max_seq_length, pooling=args.pooling,
             trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
         )  # fmt: skip
-        learning_rate = stage1_learning_rate(args.lr, args.model, loaded=model)
-    if args.lr == "auto":
-        logger.info(
-            "Stage 1 learning rate: %g (--lr auto: %s)",
-            learning_rate,
-            describe_auto_rate(args.model, learning_rate),
-        )
+    learning_rate = resolve_stage1_learning_rate(args.lr, args.model, model, "--lr")
     windows, stats = tokenize_corpus(
         dataset, model.tokenizer, model.max_seq_length, pack=args.pack, cache_dir=output / "cache"
     )

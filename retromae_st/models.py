@@ -116,6 +116,17 @@ def stage1_learning_rate(
     return PRETRAINED_LEARNING_RATE
 
 
+def resolve_stage1_learning_rate(
+    learning_rate: float | str, model: str | None, loaded: SentenceTransformer, option: str
+) -> float:
+    """:func:`stage1_learning_rate` for the loaded model, logged with its reason when ``auto`` chose it
+    (``option`` names the setting in the log line: ``--lr`` or ``pretrain.learning_rate``)."""
+    rate = stage1_learning_rate(learning_rate, model, loaded=loaded)
+    if learning_rate == "auto":
+        logger.info("Stage 1 learning rate: %g (%s auto: %s)", rate, option, describe_auto_rate(model, rate))
+    return rate
+
+
 def describe_auto_rate(model: str | None, rate: float) -> str:
     """Why ``auto`` chose ``rate`` (what :func:`stage1_learning_rate` returned), for the log line stating it."""
     if model in PRESETS:

@@ -431,7 +431,7 @@ def corpus_dataset(recipe: Recipe) -> Dataset:
 
 def stage1(run: Run, model: SentenceTransformer) -> SentenceTransformer:
     from retromae_st.data.tokenize import tokenize_corpus
-    from retromae_st.models import describe_auto_rate, stage1_learning_rate
+    from retromae_st.models import resolve_stage1_learning_rate
     from retromae_st.pretraining.training import pretrain
 
     final = run.stage1 / "final"
@@ -440,13 +440,7 @@ def stage1(run: Run, model: SentenceTransformer) -> SentenceTransformer:
         return load_own_model(final)
     spec = run.recipe.pretrain
     preset = run.recipe.model.preset
-    learning_rate = stage1_learning_rate(spec.learning_rate, preset, loaded=model)
-    if spec.learning_rate == "auto":
-        logger.info(
-            "Stage 1 learning rate: %g (pretrain.learning_rate auto: %s)",
-            learning_rate,
-            describe_auto_rate(preset, learning_rate),
-        )
+    learning_rate = resolve_stage1_learning_rate(spec.learning_rate, preset, model, "pretrain.learning_rate")
     windows, stats = tokenize_corpus(
         run.corpus(),
         model.tokenizer,
