@@ -246,6 +246,9 @@ def stage1(
     timer = StepTimer()
     method, pooling = arm.split("-")
     model = load_encoder(str(init_dir), max_seq_length=args.max_len, pooling=pooling)
+    # The loss's fresh weights (RetroMAE's decoder and head, TSDAE's cross-attention) are drawn before the
+    # trainer seeds: seed them here, so that a seed's arm is the same run whatever this process ran before.
+    torch.manual_seed(seed)
     common = dict(
         batch_size=args.stage1_batch,
         learning_rate=args.stage1_lr,

@@ -214,3 +214,27 @@ def test_the_steady_pace_leaves_out_the_first_tenth_of_the_steps():
     timer.step_ends = [10.0, 11.0] + [11.0 + i for i in range(1, 19)]  # a slow first step, then 1 s/step
     assert timer.steady_s_per_step == pytest.approx(1.0)
     assert timer.seconds / timer.steps > 1.4
+
+
+def test_a_seeds_stage1_decoder_starts_the_same_whatever_ran_before(tokenizer, tmp_path, monkeypatch):
+    """quality.py builds the loss itself (not through ``pretrain``, which seeds): its fresh decoder must
+    still follow the seed, so that a rerun of one seed alone reproduces that seed of a multi-seed run."""
+    from conftest import TINY
+
+    from retromae_st.models import build_model
+
+    init_dir = tmp_path / "init"
+    build_model(TINY, tokenizer, max_seq_length=32, pooling="mean", save_dir=init_dir, seed=0)
+    decoders = []
+
+    def capture(model, windows, out_dir, *, loss, **kwargs):
+        """Stands in for training: keeps the loss's fresh decoder weights."""
+        decoders.append({k: v.clone() for k, v in loss.decoder.state_dict().items()})
+
+    monkeypatch.setattr(quality, "pretrain", capture)
+    args = _args("--max-len", "32")
+    for earlier_draws in (0, 1000):
+        torch.rand(earlier_draws)  # what an earlier seed or arm of the same process drew
+        quality.stage1("retromae-mean", 1, init_dir, tmp_path / "out", None, [], args, seed=3)
+    assert decoders[0].keys() == decoders[1].keys()
+    assert all(torch.equal(decoders[0][k], decoders[1][k]) for k in decoders[0])
