@@ -319,8 +319,9 @@ def build_model(
         return _save_and_assemble(
             bert, tokenizer, Path(save_dir), max_seq_length=max_seq_length, pooling=pooling
         )
-    # Once loaded, the model no longer needs its folder: remove it rather than leave one per call in /tmp.
-    with tempfile.TemporaryDirectory(prefix="retromae-init-") as folder:
+    # Once loaded, the model no longer needs its folder: remove it rather than leave one per call in /tmp
+    # (where a loaded file cannot be removed, as on Windows while it is mapped, leave it rather than fail).
+    with tempfile.TemporaryDirectory(prefix="retromae-init-", ignore_cleanup_errors=True) as folder:
         return _save_and_assemble(
             bert, tokenizer, Path(folder), max_seq_length=max_seq_length, pooling=pooling
         )
