@@ -107,6 +107,21 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def launcher_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment for a torchrun / accelerate subprocess: this checkout importable, and TMPDIR inside
+    the test's folder, because torch's elastic agent leaves a ``torchelastic_*`` folder in the temp dir
+    for every launch and pytest removes tmp_path trees but not /tmp."""
+    tmp = tmp_path / "launcher-tmp"
+    tmp.mkdir(exist_ok=True)
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TMPDIR": str(tmp),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        **extra,
+    }
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now (for torchrun / accelerate rendezvous in subprocess tests)."""
     with socket.socket() as sock:

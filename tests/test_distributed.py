@@ -6,14 +6,13 @@ FAISS indexes merged into one in tests/test_evaluation_encode.py and tests/test_
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, free_port, make_texts
+from conftest import TINY, free_port, launcher_env, make_texts
 from safetensors.torch import load_file
 
 from retromae_st.models import build_model
@@ -22,15 +21,8 @@ WORKERS = Path(__file__).resolve().parent / "workers"
 BIN = Path(sys.executable).parent
 
 
-def _env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-    }
+def _env(tmp_path: Path) -> dict[str, str]:
+    return launcher_env(tmp_path, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
 @pytest.mark.slow
@@ -38,7 +30,7 @@ def test_finetune_under_torchrun_ends_identical_and_reports_the_effective_batch(
     result = subprocess.run(
         [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
          str(WORKERS / "ddp_finetune.py"), str(tmp_path)],
-        env=_env(), capture_output=True, text=True, timeout=600,
+        env=_env(tmp_path), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rank0 = load_file(str(tmp_path / "rank0.safetensors"))
@@ -70,7 +62,7 @@ def test_cli_pretrain_under_accelerate_launch_uses_two_processes(tmp_path, token
          "-m", "retromae_st.cli", "pretrain", "--model", str(tmp_path / "model"),
          "--corpus", str(tmp_path / "corpus.txt"), "--output", str(tmp_path / "run"), "--batch-size", "8",
          "--max-steps", "4", "--save-steps", "2", "--logging-steps", "1", "--lr", "1e-3"],
-        env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "effective batch size 16 (8 per device x 1 accumulation x 2 processes)" in result.stderr
@@ -91,7 +83,7 @@ def test_recipe_from_scratch_under_torchrun_shares_one_initial_model(tmp_path):
     result = subprocess.run(
         [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
          "-m", "retromae_st.cli", "run", str(recipe), "--output-root", str(tmp_path)],
-        env=_env(), capture_output=True, text=True, timeout=600,
+        env=_env(tmp_path), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, free_port, make_texts
+from conftest import TINY, free_port, launcher_env, make_texts
 from datasets import Dataset
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
@@ -150,7 +149,7 @@ def test_resume_without_decoder_weights_is_refused(tiny_model, tmp_path):
 @pytest.mark.parametrize("data", ["windows", "raw"])
 def test_torchrun_two_processes_end_identical(tmp_path, data):
     torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = launcher_env(tmp_path)
     result = subprocess.run(
         [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()),
          str(Path(__file__).parent / "workers" / "ddp_pretrain.py"), str(tmp_path), data],
