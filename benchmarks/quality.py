@@ -468,7 +468,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help="comma list of earlier result JSON files (same settings, same machine) that hold this seed's "
         "retromae-* and mlm-*/tsdae-* stage-1 timings: an explicit `mlm-mean@time` arm then runs alone, "
-        "without rerunning those arms",
+        "without rerunning those arms; an earlier `mlm-mean@time` record of the seed gives its planned pace, "
+        "so the same number of steps runs again (e.g. for another stage-2 regime)",
     )
     parser.add_argument(
         "--calibrate-steps",
@@ -717,7 +718,17 @@ def equal_time_plan(
         earlier = [
             r["stage1"] for r in timings if r["seed"] == seed and r["arm"] == arm and r["stage1"]["steps"]
         ]
-        return earlier[0] if earlier else None
+        if earlier:
+            return earlier[0]
+        # An earlier equal-time run of this arm planned its steps from a pace timed then, under that run's
+        # load: reusing that pace (with that run's RetroMAE seconds) repeats its step count exactly, so the
+        # same stage 1 can go on to another stage-2 regime.
+        planned = [
+            {**r["stage1"], "s_per_step": r["stage1"]["planned_s_per_step"]}
+            for r in timings
+            if r["seed"] == seed and r["arm"] == f"{arm}@time" and "planned_s_per_step" in r["stage1"]
+        ]
+        return planned[0] if planned else None
 
     plan = {}
     for arm in wanted:

@@ -173,6 +173,25 @@ def test_an_explicit_equal_time_arm_takes_its_budget_and_pace_from_earlier_recor
     assert plan == {"mlm-mean": (1200.0, 0.18)}
 
 
+def test_an_earlier_equal_time_record_repeats_its_step_count():
+    # An earlier run planned mlm-mean@time at 530.9 s / 4.35 s per step = 122 steps; its own pace was timed
+    # in that run and recorded only as the plan's pace.
+    earlier_time_arm = {
+        "seed": 0,
+        "arm": "mlm-mean@time",
+        "stage1": {"steps": 122, "seconds": 602.0, "budget_seconds": 530.9, "planned_s_per_step": 4.35},
+    }
+    timings = [_timing(0, "retromae-mean", 530.9, 50), earlier_time_arm, {**earlier_time_arm, "seed": 1}]
+    args = _args("--arms", "mlm-mean@time", "--no-equal-time")
+    plan = quality.equal_time_plan(args, 0, {}, timings)
+    assert plan == {"mlm-mean": (530.9, 4.35)}
+    budget, pace = plan["mlm-mean"]
+    assert round(budget / pace) == 122
+    # An equal-step record of the arm's own pace, where there is one, comes first.
+    timings.append(_timing(0, "mlm-mean", 200.0, 50))
+    assert quality.equal_time_plan(args, 0, {}, timings) == {"mlm-mean": (530.9, 4.0)}
+
+
 def test_an_explicit_equal_time_arm_without_timings_for_its_seed_exits_2(capsys):
     args = _args("--arms", "mlm-mean@time")
     with pytest.raises(SystemExit) as exit_:
