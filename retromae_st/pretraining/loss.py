@@ -959,7 +959,8 @@ def has_pretrained_head(model: SentenceTransformer) -> bool:
     """
     transformer = _transformer_module(model)
     adapter = adapt_encoder(transformer.auto_model)
-    expected = MLMHead(adapter.hidden_size, adapter.vocab_size).state_dict()
+    with torch.device("meta"):  # only the shapes are compared: no vocabulary-sized weights allocated
+        expected = MLMHead(adapter.hidden_size, adapter.vocab_size).state_dict()
     return _checkpoint_head(transformer, expected)[0] is not None
 
 
