@@ -721,8 +721,8 @@ def equal_time_plan(
         if earlier:
             return earlier[0]
         # An earlier equal-time run of this arm planned its steps from a pace timed then, under that run's
-        # load: reusing that pace (with that run's RetroMAE seconds) repeats its step count exactly, so the
-        # same stage 1 can go on to another stage-2 regime.
+        # load: reusing that pace (with that run's RetroMAE seconds) repeats its step count exactly, so a
+        # stage 1 of the same length can be fine-tuned in another stage-2 regime.
         planned = [
             {**r["stage1"], "s_per_step": r["stage1"]["planned_s_per_step"]}
             for r in timings
