@@ -721,7 +721,7 @@ def equal_time_plan(
         if earlier:
             return earlier[0]
         # An earlier equal-time run of this arm planned its steps from a pace timed then, under that run's
-        # load: reusing that pace (with that run's RetroMAE seconds) repeats its step count exactly, so a
+        # load: reusing that pace and that plan's budget (below) repeats its step count exactly, so a
         # stage 1 of the same length can be fine-tuned in another stage-2 regime.
         planned = [
             {**r["stage1"], "s_per_step": r["stage1"]["planned_s_per_step"]}
@@ -746,7 +746,9 @@ def equal_time_plan(
                 )
                 raise SystemExit(2)
             continue  # no RetroMAE arm of this pooling to match
-        plan[arm] = (retromae["seconds"], own["s_per_step"])
+        # An earlier plan's own budget, where the pace came from one: another RetroMAE record of the seed
+        # in --equal-time-from (an equal-step run's, say) must not change the step count it repeats.
+        plan[arm] = (own.get("budget_seconds", retromae["seconds"]), own["s_per_step"])
     return plan
 
 

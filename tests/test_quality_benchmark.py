@@ -187,6 +187,9 @@ def test_an_earlier_equal_time_record_repeats_its_step_count():
     assert plan == {"mlm-mean": (530.9, 4.35)}
     budget, pace = plan["mlm-mean"]
     assert round(budget / pace) == 122
+    # Another RetroMAE record of the seed read first (another run's, 593 s) leaves the repeated count alone.
+    other_retromae_first = [_timing(0, "retromae-mean", 593.0, 50), *timings]
+    assert quality.equal_time_plan(args, 0, {}, other_retromae_first) == {"mlm-mean": (530.9, 4.35)}
     # An equal-step record of the arm's own pace, where there is one, comes first.
     timings.append(_timing(0, "mlm-mean", 200.0, 50))
     assert quality.equal_time_plan(args, 0, {}, timings) == {"mlm-mean": (530.9, 4.0)}
