@@ -174,6 +174,103 @@ def test_chunk_rows_default_per_device(tiny_model):
     assert given._chunk_rows_for(torch.device("cuda")) == given._chunk_rows_for(torch.device("cpu")) == 7
 
 
+@pytest.mark.parametrize(
+    "sizes, weights",
+    [((7, 30), (1.0, 1.0)), ((7, 30), (2.0, 0.5)), ((0, 37), (1.0, 3.0)), ((30, 7), (0.25, 0.25))],
+    ids=["plain-sum", "weighted", "empty-segment", "equal-weights"],
+)
+def test_segmented_cross_entropy_equals_one_loss_per_segment(sizes, weights):
+    """Segments: one call, one mean per segment. Loss values and gradients equal separate full
+    cross-entropies weighted as the caller weights them (unequal weights take the recomputing path);
+    chunks of 5 rows straddle the segment boundary."""
+    torch.manual_seed(0)
+    x = torch.randn(37, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    bias = torch.randn(50, requires_grad=True)
+    labels = torch.randint(0, 50, (37,))
+    means = ChunkedLinearCrossEntropy.apply(x, weight, bias, labels, 5, sizes)
+    scale = torch.tensor(weights)
+    grads = torch.autograd.grad((means * scale).sum(), (x, weight, bias))
+    expected_means, start = [], 0
+    for size in sizes:
+        rows = slice(start, start + size)
+        logits = x[rows] @ weight.t() + bias
+        expected_means.append(
+            torch.nn.functional.cross_entropy(logits, labels[rows]) if size else logits.sum() * 0.0
+        )
+        start += size
+    expected_means = torch.stack(expected_means)
+    expected = torch.autograd.grad((expected_means * scale).sum(), (x, weight, bias))
+    assert means.shape == (len(sizes),)
+    assert torch.allclose(means, expected_means, atol=1e-5)
+    for got, want in zip(grads, expected):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_retromae_loss_joint_head_call_equals_one_call_per_loss(tiny_model, monkeypatch):
+    """On the CPU both MLM losses share one vocabulary-wide call; the losses and every gradient equal one
+    call per loss (the GPU's path)."""
+    features = features_of(tiny_model, REPETITIVE[:4])
+
+    def losses_and_grads() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        torch.manual_seed(3)
+        loss = RetroMAELoss(tiny_model)
+        loss.callback_attached = True
+        loss.zero_grad(set_to_none=True)
+        parts = loss([features])
+        torch.stack(list(parts.values())).sum().backward()
+        grads = {name: p.grad.clone() for name, p in loss.named_parameters() if p.grad is not None}
+        return {k: v.detach() for k, v in parts.items()}, grads
+
+    joint_losses, joint_grads = losses_and_grads()
+    original = heads.MLMHead.losses
+    monkeypatch.setattr(
+        heads.MLMHead,
+        "losses",
+        lambda self, parts, w, rows, joint=True: original(self, parts, w, rows, False),
+    )
+    separate_losses, separate_grads = losses_and_grads()
+    assert joint_losses.keys() == separate_losses.keys() == {"encoder_mlm", "decoder"}
+    for name in joint_losses:
+        assert torch.allclose(joint_losses[name], separate_losses[name], atol=1e-6)
+    assert joint_grads.keys() == separate_grads.keys()
+    assert any("word_embeddings" in name for name in joint_grads)
+    for name in joint_grads:
+        assert torch.allclose(joint_grads[name], separate_grads[name], atol=1e-6), name
+
+
+def test_sparse_lookup_gradients_leave_every_gradient_as_dense_ones(tiny_model):
+    """On the CPU the word-embedding lookups give sparse gradients during the loss's forward: the table's
+    .grad stays dense (the tied head's d/dW absorbs them) and every gradient equals the dense lookups' to
+    float tolerance; the module is left as it was."""
+    features = features_of(tiny_model, REPETITIVE[:4])
+    table = RetroMAELoss(tiny_model).encoder().word_embeddings
+    seen: list[bool] = []
+    hook = table.register_forward_pre_hook(lambda module, args: seen.append(module.sparse))
+
+    def grads(sparse: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(3)
+        loss = RetroMAELoss(tiny_model)
+        loss.callback_attached = True
+        loss.zero_grad(set_to_none=True)
+        # forward() switches the lookups to sparse gradients; _forward() is the same step without it.
+        parts = loss([features]) if sparse else loss._forward([features])
+        torch.stack(list(parts.values())).sum().backward()
+        return {name: p.grad.clone() for name, p in loss.named_parameters() if p.grad is not None}
+
+    sparse = grads(True)
+    assert seen and all(seen) and not table.sparse  # sparse during the forward only
+    seen.clear()
+    dense = grads(False)
+    assert seen and not any(seen)
+    hook.remove()
+    name = next(name for name in sparse if name.endswith("word_embeddings.weight"))
+    assert sparse[name].layout == torch.strided
+    assert sparse.keys() == dense.keys()
+    for key in sparse:
+        assert torch.allclose(sparse[key], dense[key], atol=1e-6), key
+
+
 def test_chunked_cross_entropy_refuses_a_second_backward():
     x = torch.randn(6, 4, requires_grad=True)
     weight = torch.randn(10, 4, requires_grad=True)

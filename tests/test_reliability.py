@@ -276,13 +276,15 @@ def test_absurd_learning_rate_stops_with_exit_3_naming_step_and_component(data, 
 
 
 def test_forced_non_finite_loss_names_the_component(data, tmp_path, monkeypatch, capsys):
-    original = RetroMAELoss._mlm_loss
+    original = RetroMAELoss._mlm_losses
 
     def poisoned(self, *args, **kwargs):
-        value = original(self, *args, **kwargs)
-        return value * float("inf") if self.current_step == 3 else value
+        values = original(self, *args, **kwargs)
+        if self.current_step == 3:
+            values["encoder_mlm"] = values["encoder_mlm"] * float("inf")
+        return values
 
-    monkeypatch.setattr(RetroMAELoss, "_mlm_loss", poisoned)
+    monkeypatch.setattr(RetroMAELoss, "_mlm_losses", poisoned)
     output = tmp_path / "run"
     assert cli.main(pretrain_args(data, output)) == 3
     assert "component 'encoder_mlm' became inf at step 3" in _one_error(capsys)

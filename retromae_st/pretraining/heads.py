@@ -10,6 +10,8 @@ softmax are kept for backward. The same idea gives DupMAE's max-pooled bag-of-wo
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 from transformers.activations import get_activation
@@ -95,15 +97,49 @@ class MLMHead(nn.Module):
         self, hidden: torch.Tensor, labels: torch.Tensor, embedding_weight: torch.Tensor, chunk_rows: int
     ) -> torch.Tensor:
         """Mean cross-entropy over the labelled rows. hidden [N, D], labels [N] (all valid)."""
-        if labels.numel() == 0:
-            # No labelled token in this batch: a zero that still connects to the graph (DDP needs
-            # every parameter to receive a gradient each step).
-            return hidden.sum() * 0.0 + self.bias.sum() * 0.0
+        return self.losses([(hidden, labels)], embedding_weight, chunk_rows, joint=False)[0]
+
+    def losses(
+        self,
+        parts: list[tuple[torch.Tensor, torch.Tensor]],
+        embedding_weight: torch.Tensor,
+        chunk_rows: int,
+        joint: bool = True,
+    ) -> list[torch.Tensor]:
+        """One mean cross-entropy per (hidden [N_p, D], labels [N_p]) part, each over its own rows.
+
+        ``joint``: all parts in one :class:`ChunkedLinearCrossEntropy` call (one [V, D] gradient buffer for
+        all of them); otherwise one call per part."""
         bias = self.bias
         if not torch.is_grad_enabled():
             # Under no_grad (diagnostics, evaluation) the fused function would still form every gradient:
             # a custom Function sees its inputs' requires_grad, not the grad mode.
-            hidden, embedding_weight, bias = hidden.detach(), embedding_weight.detach(), bias.detach()
+            parts = [(hidden.detach(), labels) for hidden, labels in parts]
+            embedding_weight, bias = embedding_weight.detach(), bias.detach()
+        if sum(labels.numel() for _, labels in parts) == 0 or not joint:
+            return [
+                self._one_loss(hidden, labels, embedding_weight, bias, chunk_rows) for hidden, labels in parts
+            ]
+        hidden = torch.cat([hidden for hidden, _ in parts]) if len(parts) > 1 else parts[0][0]  # [N, D]
+        labels = torch.cat([labels for _, labels in parts]) if len(parts) > 1 else parts[0][1]  # [N]
+        sizes = tuple(part_labels.numel() for _, part_labels in parts)
+        means = ChunkedLinearCrossEntropy.apply(
+            self.transform(hidden), embedding_weight, bias, labels, chunk_rows, sizes
+        )  # [P]
+        return list(means.unbind(0))
+
+    def _one_loss(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        embedding_weight: torch.Tensor,
+        bias: torch.Tensor,
+        chunk_rows: int,
+    ) -> torch.Tensor:
+        if labels.numel() == 0:
+            # No labelled token in this batch: a zero that still connects to the graph (DDP needs
+            # every parameter to receive a gradient each step).
+            return hidden.sum() * 0.0 + bias.sum() * 0.0
         return ChunkedLinearCrossEntropy.apply(
             self.transform(hidden), embedding_weight, bias, labels, chunk_rows
         )
@@ -116,6 +152,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     alone saves no memory. Computing d/dx, d/dW, d/db while the chunk's logits exist (the "fused linear
     cross-entropy" of Liger-Kernel and others) keeps peak memory at one chunk and costs no extra matmul.
 
+    Segments: with ``segments=(n_1, ..., n_P)`` the rows are P consecutive losses sharing the head (RetroMAE's
+    encoder and decoder), and the result is their P means, [P]. One call forms one [V, D] d/dW for all of
+    them instead of one per loss plus their sum: on a CPU each fresh [V, D] buffer costs page faults
+    (~35 ms at BERT-base, ``benchmarks/README.md``). d/dW is formed for the losses' plain sum; when backward
+    receives unequal weights for them (a caller weighting them differently), the smaller segments' d/dW
+    are recomputed to correct it, so the result is exact either way.
+
     Precision: the two [c, D] x [D, V] products run in the compute dtype (bf16 under autocast, with the
     [V, D] table cast once per call rather than by autocast once per chunk and product); log-sum-exp and
     softmax in fp32, in place on the chunk's logits; d/dW is accumulated in fp32. On the CPU its product
@@ -125,49 +168,19 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, labels, chunk_rows):  # type: ignore[override]
-        device, compute = x.device.type, compute_dtype(x)
+    def forward(ctx, x, weight, bias, labels, chunk_rows, segments=None):  # type: ignore[override]
         rows = labels.numel()
+        sizes = (rows,) if segments is None else tuple(int(n) for n in segments)
+        if sum(sizes) != rows:
+            raise ValueError(f"segments {sizes} do not add up to the {rows} labelled rows")
         need_grad = any(ctx.needs_input_grad[:3])
-        low_precision_grad_w = compute != torch.float32 and grad_w_in_compute_dtype(device)
-        with torch.autocast(device, enabled=False):  # every cast below is explicit
-            x_c, weight_c, bias_c = x.to(compute), weight.to(compute), bias.to(compute)  # [N, D] [V, D] [V]
-            vocab, pad = weight.shape[0], vocab_padding(device, weight.shape[0])
-            if pad:  # zero rows with a -inf bias: their logits are -inf, their probabilities 0
-                weight_c = torch.cat([weight_c, weight_c.new_zeros(pad, weight_c.shape[1])])  # [V + p, D]
-                bias_c = torch.cat([bias_c, bias_c.new_full((pad,), float("-inf"))])  # [V + p]
-            total = torch.zeros((), dtype=torch.float32, device=x.device)
-            grad_x = torch.empty_like(x) if need_grad else None
-            grad_w = torch.zeros_like(weight_c, dtype=torch.float32) if need_grad else None
-            grad_b = torch.zeros_like(bias_c, dtype=torch.float32) if need_grad else None
-            for start in range(0, rows, chunk_rows):
-                stop = min(start + chunk_rows, rows)
-                xc, yc = x_c[start:stop], labels[start:stop]
-                logits = torch.addmm(bias_c, xc, weight_c.t()).float()  # [c, V]
-                target = logits.gather(1, yc.unsqueeze(1)).squeeze(1)  # [c]
-                # log-sum-exp and softmax in place on the logits buffer (no [c, V] temporary).
-                peak = logits.amax(dim=-1, keepdim=True)  # [c, 1]
-                probs = logits.sub_(peak).exp_()  # [c, V], unnormalised
-                norm = probs.sum(dim=-1, keepdim=True)  # [c, 1]
-                total += (peak.squeeze(1) + norm.log().squeeze(1) - target).sum()
-                if need_grad:
-                    # d(mean CE)/d logits = (softmax - onehot) / N.
-                    probs.div_(norm * rows)
-                    probs[torch.arange(len(yc), device=yc.device), yc] -= 1.0 / rows
-                    probs_c = probs.to(compute)
-                    grad_x[start:stop] = probs_c @ weight_c  # [c, D]
-                    if low_precision_grad_w:
-                        grad_w += probs_c.t() @ xc  # [V, D] product in the compute dtype, fp32 sum
-                    else:
-                        grad_w.addmm_(probs.t(), x[start:stop].float())
-                    grad_b += probs.sum(dim=0)
-        # Kept on ctx, not saved for backward: they are neither inputs nor outputs, and backward scales
-        # them in place rather than allocating a second [V, D] gradient.
-        if need_grad:
-            ctx.grads = (grad_x, grad_w[:vocab].to(weight.dtype), grad_b[:vocab].to(bias.dtype))
-        else:
-            ctx.grads = None
-        return total / rows
+        totals, grads = _chunked_pass(x, weight, bias, labels, sizes, chunk_rows, need_grad)
+        ctx.grads = grads  # kept on ctx, not saved: backward scales them in place (no second [V, D])
+        ctx.sizes, ctx.chunk_rows = sizes, chunk_rows
+        ctx.save_for_backward(x, weight, bias, labels)  # for the rare unequal-weights correction only
+        counts = torch.tensor(sizes, device=x.device)  # [P]
+        means = totals / counts.clamp(min=1)  # [P]
+        return means[0] if segments is None else means
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
@@ -175,9 +188,92 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError(
                 "ChunkedLinearCrossEntropy: backward ran twice (retain_graph); its gradients are consumed."
             )
-        grad_x, grad_w, grad_b = ctx.grads
+        grad_x, grad_w, grad_b = ctx.grads  # grad_b: [P, V], one row per segment
         ctx.grads = None
-        return grad_x.mul_(grad_output), grad_w.mul_(grad_output), grad_b.mul_(grad_output), None, None
+        weights = grad_output.reshape(-1).float()  # [P]
+        sizes = torch.tensor(ctx.sizes, device=grad_x.device)
+        grad_x.mul_(weights.repeat_interleave(sizes).unsqueeze(1).to(grad_x.dtype))
+        grad_b = (weights.unsqueeze(1) * grad_b).sum(dim=0).to(grad_b.dtype)
+        # The gradient of the losses' plain sum is in grad_w; scale it by the largest segment's weight and
+        # correct the others by recomputing their share (only when the weights differ: checked on the CPU
+        # here, a sync on CUDA, where RetroMAELoss calls this once per loss instead).
+        largest = max(range(len(ctx.sizes)), key=lambda part: ctx.sizes[part])
+        scale = weights[largest]
+        if weights.device.type != "cpu" or not bool((scale == 1).item()):
+            grad_w.mul_(scale.to(grad_w.dtype))
+        if len(ctx.sizes) > 1 and not bool((weights == scale).all()):
+            x, weight, bias, labels = ctx.saved_tensors
+            starts = [0, *itertools.accumulate(ctx.sizes)]
+            for part, size in enumerate(ctx.sizes):
+                if part == largest or size == 0 or bool(weights[part] == scale):
+                    continue
+                rows = slice(starts[part], starts[part] + size)
+                _, (_, own_w, _) = _chunked_pass(
+                    x[rows], weight, bias, labels[rows], (size,), ctx.chunk_rows, True
+                )
+                grad_w.add_(own_w, alpha=float(weights[part] - scale))
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def _chunked_pass(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    labels: torch.Tensor,
+    sizes: tuple[int, ...],
+    chunk_rows: int,
+    need_grad: bool,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    """One pass of :class:`ChunkedLinearCrossEntropy` over x [N, D] whose rows are consecutive segments of
+    ``sizes``: the per-segment sums of cross-entropy [P], and (need_grad) d/dx [N, D], d/dW [V, D] and
+    per-segment d/db [P, V] of the sum of the segments' means."""
+    device, compute = x.device.type, compute_dtype(x)
+    counts = torch.tensor(sizes, device=x.device)  # [P]
+    segment_of = torch.repeat_interleave(torch.arange(len(sizes), device=x.device), counts)  # [N]
+    row_weight = (1.0 / counts.clamp(min=1).float())[segment_of]  # [N]: each row's share of its mean
+    ends = list(itertools.accumulate(sizes))
+    bounds = list(zip([0, *ends[:-1]], ends))  # [first, last) rows of each segment
+    segments = len(sizes)
+    low_precision_grad_w = compute != torch.float32 and grad_w_in_compute_dtype(device)
+    with torch.autocast(device, enabled=False):  # every cast below is explicit
+        x_c, weight_c, bias_c = x.to(compute), weight.to(compute), bias.to(compute)  # [N, D] [V, D] [V]
+        vocab, pad = weight.shape[0], vocab_padding(device, weight.shape[0])
+        if pad:  # zero rows with a -inf bias: their logits are -inf, their probabilities 0
+            weight_c = torch.cat([weight_c, weight_c.new_zeros(pad, weight_c.shape[1])])  # [V + p, D]
+            bias_c = torch.cat([bias_c, bias_c.new_full((pad,), float("-inf"))])  # [V + p]
+        totals = torch.zeros(segments, dtype=torch.float32, device=x.device)  # [P]
+        grad_x = torch.empty_like(x) if need_grad else None
+        grad_w = torch.zeros_like(weight_c, dtype=torch.float32) if need_grad else None
+        grad_b = torch.zeros((segments, bias_c.shape[0]), dtype=torch.float32, device=x.device)
+        for start in range(0, labels.numel(), chunk_rows):
+            stop = min(start + chunk_rows, labels.numel())
+            xc, yc, segment = x_c[start:stop], labels[start:stop], segment_of[start:stop]
+            logits = torch.addmm(bias_c, xc, weight_c.t()).float()  # [c, V]
+            target = logits.gather(1, yc.unsqueeze(1)).squeeze(1)  # [c]
+            # log-sum-exp and softmax in place on the logits buffer (no [c, V] temporary).
+            peak = logits.amax(dim=-1, keepdim=True)  # [c, 1]
+            probs = logits.sub_(peak).exp_()  # [c, V], unnormalised
+            norm = probs.sum(dim=-1, keepdim=True)  # [c, 1]
+            totals.index_add_(0, segment, peak.squeeze(1) + norm.log().squeeze(1) - target)
+            if need_grad:
+                # d(sum_i w_i CE_i)/d logits = w_i (softmax - onehot).
+                share = row_weight[start:stop].unsqueeze(1)  # [c, 1]
+                probs.mul_(share / norm)
+                probs[torch.arange(len(yc), device=yc.device), yc] -= share.squeeze(1)
+                probs_c = probs.to(compute)
+                grad_x[start:stop] = probs_c @ weight_c  # [c, D]
+                if low_precision_grad_w:
+                    grad_w += probs_c.t() @ xc  # [V, D] product in the compute dtype, fp32 sum
+                else:
+                    grad_w.addmm_(probs.t(), x[start:stop].float())
+                # Segments are contiguous runs of rows: a sum per run (index_add_ of [c, V] rows is slower).
+                for part, (first, last) in enumerate(bounds):
+                    first, last = max(first, start), min(last, stop)
+                    if first < last:
+                        grad_b[part] += probs[first - start : last - start].sum(dim=0)
+    if not need_grad:
+        return totals, None
+    return totals, (grad_x, grad_w[:vocab].to(weight.dtype), grad_b[:, :vocab].to(bias.dtype))
 
 
 class ChunkedMaxPooledLogits(torch.autograd.Function):

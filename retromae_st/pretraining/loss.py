@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -93,6 +93,27 @@ def attention_kernels(device: torch.device | None) -> contextlib.AbstractContext
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+@contextlib.contextmanager
+def sparse_lookup_gradients(table: nn.Module, enabled: bool) -> Iterator[None]:
+    """While on, lookups in ``table`` (an ``nn.Embedding``) give sparse gradients: their [n, D] rows
+    instead of a dense [V, D] tensor each.
+
+    Why: the word-embedding table gets three gradients a step: from the encoder's input, from the
+    decoder's content stream and from the tied head's d/dW. Dense, each lookup's is a fresh [V, D] buffer
+    (94 MB at BERT-base) that the CPU zero-fills and page-faults, and autograd adds them up; sparse, their
+    rows are added into the head's dense d/dW in place (autograd keeps a sum with a dense term dense), so
+    ``.grad`` is dense for the optimizer as before (``benchmarks/README.md``: ~2% of a BERT-base step).
+    """
+    if not enabled or not isinstance(table, nn.Embedding) or table.sparse or table.max_norm is not None:
+        yield
+        return
+    table.sparse = True
+    try:
+        yield
+    finally:
+        table.sparse = False
 
 
 class RetroMAELoss(nn.Module):
@@ -375,7 +396,13 @@ class RetroMAELoss(nn.Module):
     ):
         features = list(sentence_features)
         device = features[0]["input_ids"].device if features and "input_ids" in features[0] else None
-        with attention_kernels(device):
+        # Sparse lookup gradients: on the CPU (fresh buffers cost page faults there) when training, and not
+        # under torch.compile (its graphs do not trace sparse gradients). The tied head always adds a dense
+        # d/dW to the same table, which keeps the sum dense.
+        sparse = (
+            device is not None and device.type == "cpu" and self.training and torch.is_grad_enabled()
+        ) and not self.compile
+        with attention_kernels(device), sparse_lookup_gradients(self.encoder().word_embeddings, sparse):
             return self._forward(features)
 
     def _forward(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -464,12 +491,9 @@ class RetroMAELoss(nn.Module):
                 group_bow = group_bow * group.size  # a mean over the group's rows -> their sum
                 bow_sum = group_bow if bow_sum is None else bow_sum + group_bow
 
-        # One vocabulary-wide pass per head over every group's labelled positions: [N, D] -> scalar.
+        # The shared head over every group's labelled positions, both losses: [N, D] -> a scalar each.
         embedding_weight = adapter.word_embeddings.weight  # [V, D], tied vocab projection
-        losses = {
-            "encoder_mlm": self._mlm_loss(encoder_parts, embedding_weight),
-            "decoder": self._mlm_loss(decoder_parts, embedding_weight),
-        }
+        losses = self._mlm_losses({"encoder_mlm": encoder_parts, "decoder": decoder_parts}, embedding_weight)
         if bow_sum is not None:
             losses["bow"] = self.bow_weight * bow_sum / batch
         if self.check_finite:
@@ -642,9 +666,27 @@ class RetroMAELoss(nn.Module):
         self, parts: list[tuple[torch.Tensor, torch.Tensor]], embedding_weight: torch.Tensor
     ) -> torch.Tensor:
         """The shared head's mean cross-entropy over the labelled positions of every group."""
-        states = parts[0][0] if len(parts) == 1 else torch.cat([states for states, _ in parts])  # [N, D]
-        labels = parts[0][1] if len(parts) == 1 else torch.cat([labels for _, labels in parts])  # [N]
-        return self.head.loss(states, labels, embedding_weight, self._chunk_rows_for(states.device))
+        return self._mlm_losses({"mlm": parts}, embedding_weight)["mlm"]
+
+    def _mlm_losses(
+        self, parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], embedding_weight: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The shared head's mean cross-entropy per named loss, each over its own parts' labelled positions.
+
+        On the CPU in one vocabulary-wide call (one [V, D] gradient buffer a step instead of one per loss
+        and their sum, ~0.1 s a step at BERT-base: ``benchmarks/README.md``); on a GPU one call per loss,
+        where fresh buffers are cheap and the joint call would synchronise the device in backward."""
+        merged = [
+            (group[0][0], group[0][1])
+            if len(group) == 1
+            else (torch.cat([states for states, _ in group]), torch.cat([labels for _, labels in group]))
+            for group in parts.values()
+        ]  # one (states [N, D], labels [N]) per loss
+        device = merged[0][0].device
+        values = self.head.losses(
+            merged, embedding_weight, self._chunk_rows_for(device), joint=device.type == "cpu"
+        )
+        return dict(zip(parts, values))
 
     def _enhanced(
         self,
