@@ -1,0 +1,238 @@
+"""Benchmark: what the word-embedding table's [V, D] gradient buffers cost a CPU step, and the FLOP ceiling.
+
+The table gets three gradients a step: the encoder's input lookup, the decoder's content-stream lookup and
+the tied vocabulary head's d/dW (the encoder's and the decoder's losses). Each fresh [V, D] buffer (94 MB at
+BERT-base) is zero-filled and page-faulted by the CPU, and autograd adds them up. Two changes cut them:
+
+- ``joint head``: both MLM losses in one ``ChunkedLinearCrossEntropy`` call (one d/dW buffer, not two);
+- ``sparse lookups``: the lookups give sparse gradients that are added into the head's dense d/dW in place.
+
+One model, one optimizer; every batch is stepped once by each variant, in a rotating order, so a slow phase
+of the machine hits every variant alike; paired differences per batch against the previous behaviour (both
+off). The switches are the library's own code paths, turned off here by patching (no user option).
+
+It also prints the FLOP ceiling on the same batches: the reference behaviour's step FLOPs (the whole batch
+padded to its longest row, both full-vocabulary heads at every position) over ours (from hidden size 256 the encoder
+packed on the real tokens, the decoder in length groups, the heads at labelled positions only): the speed ratio ours/reference
+if both ran at the same FLOP/s.
+
+Examples::
+
+    python benchmarks/vocab_gradients.py                          # base, L=128, B=8, 12 timed steps
+    python benchmarks/vocab_gradients.py --size small --batch 32  # small, L=128
+    python benchmarks/vocab_gradients.py --quick                  # smoke run: tiny, 2 steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import long_context  # noqa: E402
+import pretrain_throughput as pt  # noqa: E402
+
+from retromae_st.data.sources import load_texts  # noqa: E402
+from retromae_st.models import PRESETS  # noqa: E402
+from retromae_st.pretraining import heads  # noqa: E402
+from retromae_st.pretraining import loss as loss_module  # noqa: E402
+from retromae_st.pretraining.loss import RetroMAELoss  # noqa: E402
+from retromae_st.pretraining.packing import packing_pays  # noqa: E402
+from retromae_st.pretraining.unpadding import plan_length_groups  # noqa: E402
+
+logger = logging.getLogger("vocab_gradients")
+VARIANTS = {  # name: (joint head call, sparse lookups)
+    "both (default)": (True, True),
+    "joint head only": (True, False),
+    "sparse lookups only": (False, True),
+    "neither (before)": (False, False),
+}
+
+
+@contextlib.contextmanager
+def switches(use_joint: bool, use_sparse: bool):
+    """The library's two code paths, each on or off for one step."""
+    original_losses, original_sparse = heads.MLMHead.losses, loss_module.sparse_lookup_gradients
+
+    def losses(self, parts, weight, chunk_rows, joint=True):  # type: ignore[no-untyped-def]
+        return original_losses(self, parts, weight, chunk_rows, use_joint and joint)
+
+    heads.MLMHead.losses = losses
+    loss_module.sparse_lookup_gradients = lambda table, enabled: original_sparse(
+        table, enabled and use_sparse
+    )
+    try:
+        yield
+    finally:
+        heads.MLMHead.losses, loss_module.sparse_lookup_gradients = original_losses, original_sparse
+
+
+def ours_flops(preset: str, vocab: int, rows: list[list[int]], encoder_ratio: float = 0.3) -> float:
+    """Analytic step FLOPs of ours as it runs on the CPU: from hidden size 256 the encoder packed (each row
+    its own length, attention within the row), the decoder layer in length groups, the heads at labelled
+    positions; below it length groups throughout (``pretrain_throughput.step_flops``, whose conventions
+    these follow)."""
+    shape = PRESETS[preset]
+    d, f = shape.hidden, shape.intermediate
+    if not packing_pays(d, torch.device("cpu")):
+        return pt.step_flops("ours", preset, vocab, rows, encoder_ratio)
+    lengths = [len(r) for r in rows]
+    encoder = shape.layers * sum(2 * n * (4 * d * d + 2 * d * f) + 4 * n * n * d for n in lengths)
+    mask = torch.arange(max(lengths)).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    groups = plan_length_groups(mask, RetroMAELoss.DEFAULT_LENGTH_GROUPS, d)
+    decoder = sum(
+        2 * g.size * g.length * (4 * d * d + 2 * d * f) + 4 * g.size * g.length**2 * d for g in groups
+    )
+    labelled = sum(lengths) - 2 * len(rows)
+    head_rows = encoder_ratio * labelled + labelled
+    return 3.0 * (encoder + decoder + head_rows * (2 * d * d + 2 * d * vocab))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    preset = pt.SIZES[args.size]
+    dataset, _ = load_texts(args.corpus)
+    texts = dataset["text"][: args.docs] if args.docs else dataset["text"]
+    tokenizer = pt.train_wordpiece_tokenizer(texts, vocab_size=args.vocab_size)
+    windows = pt.load_windows(args.corpus, tokenizer, args.length, args.docs)
+    batches = pt.schedule(windows, args.batch, args.warmup + args.steps, seed=args.seed)
+    variant = pt.Variant("ours", preset, tokenizer, args.length, "cpu")
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    names = list(VARIANTS)
+    for index, rows in enumerate(batches):
+        order = names[index % len(names) :] + names[: index % len(names)]  # rotate who goes first
+        for name in order:
+            with switches(*VARIANTS[name]):
+                elapsed = variant.step(rows)
+            if index >= args.warmup:
+                times[name].append(elapsed)
+        logger.info("step %d: %s", index, ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names if times[n]))
+    timed = batches[args.warmup :]
+    real = sum(len(r) for rows in timed for r in rows)
+    vocab = len(tokenizer)
+    reference = sum(pt.step_flops("reference", preset, vocab, rows) for rows in timed)
+    ours = sum(ours_flops(preset, vocab, rows) for rows in timed)
+    before = times["neither (before)"]
+    results = {}
+    for name, values in times.items():
+        diffs = [a - b for a, b in zip(values, before)]
+        results[name] = {
+            "s_per_step_mean": statistics.mean(values),
+            "s_per_step_median": statistics.median(values),
+            "real_tokens_per_s": real / sum(values),
+            "diff_vs_before_mean_s": statistics.mean(diffs),
+            "diff_vs_before_se_s": statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0,
+            "faster_than_before_steps": sum(d < 0 for d in diffs),
+        }
+    cpu = long_context.cpu_model()
+    return {
+        "benchmark": "vocab_gradients",
+        "command": "python " + " ".join(sys.argv),
+        "environment": {
+            "cpu": cpu,
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "matmul_peak_gflops": pt.matmul_peak("cpu"),
+        },
+        "config": {
+            "size": args.size,
+            "length": args.length,
+            "batch": args.batch,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "vocab_size": vocab,
+            "real_tokens_per_step": real / len(timed),
+            "padding_share": 1 - real / sum(len(rows) * max(map(len, rows)) for rows in timed),
+        },
+        "flops_per_step": {"reference": reference / len(timed), "ours": ours / len(timed)},
+        "flop_ceiling": reference / ours,
+        "results": results,
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    env, config = report["environment"], report["config"]
+    cpu = env["cpu"]
+    lines = [
+        f"# The word-embedding table's gradient buffers: {config['size']}, L={config['length']}, "
+        f"B={config['batch']}",
+        "",
+        f"CPU: {cpu.get('model_name')} (family {cpu.get('family', '?')}, model {cpu.get('model', '?')}), "
+        f"{env['threads']} threads, torch {env['torch']}; dense matmul peak fp32 "
+        f"{env['matmul_peak_gflops']['fp32']:.0f} GFLOP/s. {config['steps']} timed steps after "
+        f"{config['warmup']} warm-up, each batch stepped by every variant in a rotating order; "
+        f"{config['real_tokens_per_step']:.0f} real tokens a step, {100 * config['padding_share']:.0f}% padding.",
+        "",
+        "| variant | s/step mean (median) | real tok/s | vs before, s/step (SE) | faster steps |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in report["results"].items():
+        lines.append(
+            f"| {name} | {r['s_per_step_mean']:.3f} ({r['s_per_step_median']:.3f}) | "
+            f"{r['real_tokens_per_s']:.0f} | {r['diff_vs_before_mean_s']:+.3f} ({r['diff_vs_before_se_s']:.3f}) | "
+            f"{r['faster_than_before_steps']}/{config['steps']} |"
+        )
+    flops = report["flops_per_step"]
+    lines += [
+        "",
+        f"FLOP ceiling on these batches: the reference behaviour's step is {flops['reference'] / 1e9:.0f} GFLOP, "
+        f"ours {flops['ours'] / 1e9:.0f} GFLOP: **{report['flop_ceiling']:.2f}x**, the speed ratio if both ran "
+        "at the same FLOP/s.",
+        "",
+        f"Command: `{report['command']}`",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--corpus", default=pt.DEFAULT_CORPUS, help="BEIR corpus.jsonl or any load_texts source"
+    )
+    parser.add_argument("--size", default="base", choices=sorted(pt.SIZES))
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--vocab-size", type=int, default=30522)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--docs", type=int, default=None, help="use only the first N documents")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: tiny, 1 warm-up + 2 steps, 2,000 docs"
+    )
+    parser.add_argument("--output-dir", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--name", default=None, help="result file stem (default vocab_gradients_<size>)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.size, args.batch, args.warmup, args.steps, args.docs = "tiny", 8, 1, 2, args.docs or 2000
+    args.name = args.name or f"vocab_gradients_{args.size}" + ("_quick" if args.quick else "")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("retromae_st").setLevel(logging.WARNING)
+    start = time.perf_counter()
+    report = run(args)
+    report["wall_s"] = time.perf_counter() - start
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = markdown(report)
+    (out / f"{args.name}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
