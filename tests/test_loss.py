@@ -207,6 +207,20 @@ def test_segmented_cross_entropy_equals_one_loss_per_segment(sizes, weights):
         assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_joint_head_losses_may_be_scaled_in_place():
+    """The joint call's losses are plain views, so ``loss *= weight`` works, and gives the weighted gradient."""
+    torch.manual_seed(0)
+    head, weight = heads.MLMHead(8, 50), torch.randn(50, 8, requires_grad=True)
+    parts = [(torch.randn(5, 8), torch.randint(0, 50, (5,))), (torch.randn(9, 8), torch.randint(0, 50, (9,)))]
+    encoder, decoder = head.losses(parts, weight, 4)
+    encoder *= 2.0
+    (encoder + decoder).backward()
+    joint, weight.grad = weight.grad.clone(), None
+    encoder, decoder = head.losses(parts, weight, 4, joint=False)
+    (2.0 * encoder + decoder).backward()
+    assert torch.allclose(joint, weight.grad, atol=1e-6)
+
+
 def test_retromae_loss_joint_head_call_equals_one_call_per_loss(tiny_model, monkeypatch):
     """On the CPU both MLM losses share one vocabulary-wide call; the losses and every gradient equal one
     call per loss (the GPU's path)."""

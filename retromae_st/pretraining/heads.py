@@ -126,7 +126,8 @@ class MLMHead(nn.Module):
         means = ChunkedLinearCrossEntropy.apply(
             self.transform(hidden), embedding_weight, bias, labels, chunk_rows, sizes
         )  # [P]
-        return list(means.unbind(0))
+        # Single-index views (not unbind's), so a caller may still scale one in place (loss *= w).
+        return [means[part] for part in range(len(sizes))]
 
     def _one_loss(
         self,
@@ -180,7 +181,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, labels)  # for the rare unequal-weights correction only
         counts = torch.tensor(sizes, device=x.device)  # [P]
         means = totals / counts.clamp(min=1)  # [P]
-        return means[0] if segments is None else means
+        return means[0].clone() if segments is None else means  # a scalar of its own, not a view
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
