@@ -61,6 +61,7 @@ from retromae_st.data.tokenize import tokenize_corpus
 from retromae_st.io import atomic_write_json, atomic_write_text
 from retromae_st.models import PRESETS, build_model, train_wordpiece_tokenizer
 from retromae_st.pretraining.loss import RetroMAELoss
+from retromae_st.pretraining.packing import packing_pays
 from retromae_st.pretraining.unpadding import plan_length_groups
 
 logger = logging.getLogger("benchmarks.pretrain_throughput")
@@ -339,15 +340,23 @@ def sync() -> None:
 
 
 def step_flops(
-    variant: str, preset: str, vocab: int, rows: list[list[int]], encoder_ratio: float = 0.3
+    variant: str,
+    preset: str,
+    vocab: int,
+    rows: list[list[int]],
+    encoder_ratio: float = 0.3,
+    device: str = "cpu",
 ) -> float:
     """Analytic FLOPs of one training step (forward + backward = 3 x forward matmul FLOPs).
 
     Per transformer layer over B x L tokens: 2 T (4 D^2 + 2 D F) for the projections and 4 B L^2 D for the two
     attention matmuls (encoder layers + one decoder layer). The reference runs the whole batch padded to its
-    longest row; ours runs the length groups :func:`retromae_st.pretraining.unpadding.plan_length_groups` plans (the
-    work it really does). Heads: transform 2 N D^2 plus vocabulary projection 2 N D V over N rows: all B x L
-    positions twice for the reference; the encoder-masked tokens plus the decoder's targets for ours.
+    longest row; ours runs the work it really does: the encoder packed on the real tokens (each row its own
+    length, attention within the row) where it packs (``packed="auto"``: :func:`packing_pays`; ``ours-packed``
+    always; ``ours-groups`` and ``ours-compile`` never), else in the length groups
+    :func:`retromae_st.pretraining.unpadding.plan_length_groups` plans, and the decoder layer in those groups.
+    Heads: transform 2 N D^2 plus vocabulary projection 2 N D V over N rows: all B x L positions twice for the
+    reference; the encoder-masked tokens plus the decoder's targets for ours.
     """
     shape = PRESETS[preset]
     batch, length = len(rows), max(len(r) for r in rows)
@@ -358,9 +367,16 @@ def step_flops(
         return 2 * rows_ * length_ * (4 * d * d + 2 * d * f) + 4 * rows_ * length_ * length_ * d
 
     if variant.startswith("ours"):
-        mask = torch.arange(length).unsqueeze(0) < torch.tensor([len(r) for r in rows]).unsqueeze(1)
+        lengths = [len(r) for r in rows]
+        mask = torch.arange(length).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
         groups = plan_length_groups(mask, RetroMAELoss.DEFAULT_LENGTH_GROUPS, d)
-        body = (shape.layers + 1) * sum(layer(g.size, g.length) for g in groups)
+        grouped = sum(layer(g.size, g.length) for g in groups)
+        suffix = variant.rsplit("-", 1)[-1] if "-" in variant else ""
+        packs = suffix == "packed" or (
+            suffix not in ("groups", "compile") and packing_pays(d, torch.device(device))
+        )
+        encoder = sum(layer(1, n) for n in lengths) if packs else grouped
+        body = shape.layers * encoder + grouped
         head_rows = encoder_ratio * (real - 2 * batch) + (real - 2 * batch)
     else:
         body = (shape.layers + 1) * layer(batch, length)
@@ -571,7 +587,7 @@ def run_config(
         if len(values) != timed:
             continue
         total = sum(values)
-        flops = sum(step_flops(name, preset, vocab, rows) for rows in timed_batches)
+        flops = sum(step_flops(name, preset, vocab, rows, device=device) for rows in timed_batches)
         result["variants"][name] = {
             "s_per_step_mean": total / timed,
             "s_per_step_median": statistics.median(values),
@@ -588,7 +604,10 @@ def run_config(
         for name in ("ours", "reference"):
             if name in variants and name not in errors:
                 counted = counted_flops(variants[name], batches[0])
-                check[name] = {"counted": counted, "analytic": step_flops(name, preset, vocab, batches[0])}
+                check[name] = {
+                    "counted": counted,
+                    "analytic": step_flops(name, preset, vocab, batches[0], device=device),
+                }
         result["flop_check"] = check
     del variants
     if not args.no_memory:

@@ -13,8 +13,8 @@ off). The switches are the library's own code paths, turned off here by patching
 
 It also prints the FLOP ceiling on the same batches: the reference behaviour's step FLOPs (the whole batch
 padded to its longest row, both full-vocabulary heads at every position) over ours (from hidden size 256 the encoder
-packed on the real tokens, the decoder in length groups, the heads at labelled positions only): the speed ratio ours/reference
-if both ran at the same FLOP/s.
+packed on the real tokens, the decoder in length groups, the heads at labelled positions only; both from
+``pretrain_throughput.step_flops``): the speed ratio ours/reference if both ran at the same FLOP/s.
 
 Examples::
 
@@ -42,12 +42,8 @@ import long_context  # noqa: E402
 import pretrain_throughput as pt  # noqa: E402
 
 from retromae_st.data.sources import load_texts  # noqa: E402
-from retromae_st.models import PRESETS  # noqa: E402
 from retromae_st.pretraining import heads  # noqa: E402
 from retromae_st.pretraining import loss as loss_module  # noqa: E402
-from retromae_st.pretraining.loss import RetroMAELoss  # noqa: E402
-from retromae_st.pretraining.packing import packing_pays  # noqa: E402
-from retromae_st.pretraining.unpadding import plan_length_groups  # noqa: E402
 
 logger = logging.getLogger("vocab_gradients")
 VARIANTS = {  # name: (joint head call, sparse lookups)
@@ -76,27 +72,6 @@ def switches(use_joint: bool, use_sparse: bool):
         heads.MLMHead.losses, loss_module.sparse_lookup_gradients = original_losses, original_sparse
 
 
-def ours_flops(preset: str, vocab: int, rows: list[list[int]], encoder_ratio: float = 0.3) -> float:
-    """Analytic step FLOPs of ours as it runs on the CPU: from hidden size 256 the encoder packed (each row
-    its own length, attention within the row), the decoder layer in length groups, the heads at labelled
-    positions; below it length groups throughout (``pretrain_throughput.step_flops``, whose conventions
-    these follow)."""
-    shape = PRESETS[preset]
-    d, f = shape.hidden, shape.intermediate
-    if not packing_pays(d, torch.device("cpu")):
-        return pt.step_flops("ours", preset, vocab, rows, encoder_ratio)
-    lengths = [len(r) for r in rows]
-    encoder = shape.layers * sum(2 * n * (4 * d * d + 2 * d * f) + 4 * n * n * d for n in lengths)
-    mask = torch.arange(max(lengths)).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
-    groups = plan_length_groups(mask, RetroMAELoss.DEFAULT_LENGTH_GROUPS, d)
-    decoder = sum(
-        2 * g.size * g.length * (4 * d * d + 2 * d * f) + 4 * g.size * g.length**2 * d for g in groups
-    )
-    labelled = sum(lengths) - 2 * len(rows)
-    head_rows = encoder_ratio * labelled + labelled
-    return 3.0 * (encoder + decoder + head_rows * (2 * d * d + 2 * d * vocab))
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     preset = pt.SIZES[args.size]
@@ -120,7 +95,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     real = sum(len(r) for rows in timed for r in rows)
     vocab = len(tokenizer)
     reference = sum(pt.step_flops("reference", preset, vocab, rows) for rows in timed)
-    ours = sum(ours_flops(preset, vocab, rows) for rows in timed)
+    ours = sum(pt.step_flops("ours", preset, vocab, rows) for rows in timed)
     before = times["neither (before)"]
     results = {}
     for name, values in times.items():
