@@ -230,8 +230,7 @@ def _chunked_pass(
     per-segment d/db [P, V] of the sum of the segments' means."""
     device, compute = x.device.type, compute_dtype(x)
     counts = torch.tensor(sizes, device=x.device)  # [P]
-    segment_of = torch.repeat_interleave(torch.arange(len(sizes), device=x.device), counts)  # [N]
-    row_weight = (1.0 / counts.clamp(min=1).float())[segment_of]  # [N]: each row's share of its mean
+    row_weight = (1.0 / counts.clamp(min=1).float()).repeat_interleave(counts)  # [N]: share of its mean
     ends = list(itertools.accumulate(sizes))
     bounds = list(zip([0, *ends[:-1]], ends))  # [first, last) rows of each segment
     segments = len(sizes)
@@ -245,17 +244,29 @@ def _chunked_pass(
         totals = torch.zeros(segments, dtype=torch.float32, device=x.device)  # [P]
         grad_x = torch.empty_like(x) if need_grad else None
         grad_w = torch.zeros_like(weight_c, dtype=torch.float32) if need_grad else None
-        grad_b = torch.zeros((segments, bias_c.shape[0]), dtype=torch.float32, device=x.device)
+        grad_b = (
+            torch.zeros((segments, bias_c.shape[0]), dtype=torch.float32, device=x.device)
+            if need_grad
+            else None
+        )
         for start in range(0, labels.numel(), chunk_rows):
             stop = min(start + chunk_rows, labels.numel())
-            xc, yc, segment = x_c[start:stop], labels[start:stop], segment_of[start:stop]
+            xc, yc = x_c[start:stop], labels[start:stop]
+            # Segments are contiguous runs of rows: per-segment sums are sums over this chunk's slice of each.
+            runs = [
+                (part, slice(max(first, start) - start, min(last, stop) - start))
+                for part, (first, last) in enumerate(bounds)
+                if max(first, start) < min(last, stop)
+            ]
             logits = torch.addmm(bias_c, xc, weight_c.t()).float()  # [c, V]
             target = logits.gather(1, yc.unsqueeze(1)).squeeze(1)  # [c]
             # log-sum-exp and softmax in place on the logits buffer (no [c, V] temporary).
             peak = logits.amax(dim=-1, keepdim=True)  # [c, 1]
             probs = logits.sub_(peak).exp_()  # [c, V], unnormalised
             norm = probs.sum(dim=-1, keepdim=True)  # [c, 1]
-            totals.index_add_(0, segment, peak.squeeze(1) + norm.log().squeeze(1) - target)
+            row_loss = peak.squeeze(1) + norm.log().squeeze(1) - target  # [c]
+            for part, rows in runs:
+                totals[part] += row_loss[rows].sum()
             if need_grad:
                 # d(sum_i w_i CE_i)/d logits = w_i (softmax - onehot).
                 share = row_weight[start:stop].unsqueeze(1)  # [c, 1]
@@ -267,11 +278,8 @@ def _chunked_pass(
                     grad_w += probs_c.t() @ xc  # [V, D] product in the compute dtype, fp32 sum
                 else:
                     grad_w.addmm_(probs.t(), x[start:stop].float())
-                # Segments are contiguous runs of rows: a sum per run (index_add_ of [c, V] rows is slower).
-                for part, (first, last) in enumerate(bounds):
-                    first, last = max(first, start), min(last, stop)
-                    if first < last:
-                        grad_b[part] += probs[first - start : last - start].sum(dim=0)
+                for part, rows in runs:  # (an index_add_ of [c, V] rows is slower than these sums)
+                    grad_b[part] += probs[rows].sum(dim=0)
     if not need_grad:
         return totals, None
     return totals, (grad_x, grad_w[:vocab].to(weight.dtype), grad_b[:, :vocab].to(bias.dtype))
