@@ -257,6 +257,12 @@ class ReferenceRetroMAE(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def packed_option(name: str) -> bool | str:
+    """``RetroMAELoss(packed=...)`` for a variant of ours: ``ours-packed`` True, ``ours-groups`` False, else
+    ``"auto"`` (the default; ``ours-compile`` passes it too, and the compiled loss then refuses packing)."""
+    return {"packed": True, "groups": False}.get(name.rsplit("-", 1)[-1], "auto")
+
+
 class Variant:
     """One implementation under test: owns its model, optimizer and collator; ``step(rows)`` trains once."""
 
@@ -275,8 +281,9 @@ class Variant:
                 # "ours": the defaults (packed="auto": packed from hidden size 256 on CPU).
                 # "ours-packed": RetroMAELoss(packed=True), the encoder on real tokens only at any size.
                 # "ours-groups": RetroMAELoss(packed=False), length groups only.
-                packed = {"packed": True, "groups": False}.get(name.rsplit("-", 1)[-1], "auto")
-                self.loss = RetroMAELoss(model, compile=name.endswith("compile"), packed=packed).to(device)
+                self.loss = RetroMAELoss(
+                    model, compile=name.endswith("compile"), packed=packed_option(name)
+                ).to(device)
             self.loss.callback_attached = True  # no trainer here: silence the missing-callback warning
             self.collator = PaddingCollator(tokenizer)
             self.module: nn.Module = self.loss
@@ -371,9 +378,9 @@ def step_flops(
         mask = torch.arange(length).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
         groups = plan_length_groups(mask, RetroMAELoss.DEFAULT_LENGTH_GROUPS, d)
         grouped = sum(layer(g.size, g.length) for g in groups)
-        suffix = variant.rsplit("-", 1)[-1] if "-" in variant else ""
-        packs = suffix == "packed" or (
-            suffix not in ("groups", "compile") and packing_pays(d, torch.device(device))
+        option = packed_option(variant)
+        packs = option is True or (
+            option == "auto" and not variant.endswith("compile") and packing_pays(d, torch.device(device))
         )
         encoder = sum(layer(1, n) for n in lengths) if packs else grouped
         body = shape.layers * encoder + grouped
