@@ -268,7 +268,8 @@ def test_sparse_lookup_gradients_leave_every_gradient_as_dense_ones(tiny_model):
         loss.callback_attached = True
         loss.zero_grad(set_to_none=True)
         # forward() switches the lookups to sparse gradients; _forward() is the same step without it.
-        parts = loss([features]) if sparse else loss._forward([features])
+        table_weight = loss.encoder().word_embeddings.weight
+        parts = loss([features]) if sparse else loss._forward([features], table_weight)
         torch.stack(list(parts.values())).sum().backward()
         return {name: p.grad.clone() for name, p in loss.named_parameters() if p.grad is not None}
 
@@ -283,6 +284,31 @@ def test_sparse_lookup_gradients_leave_every_gradient_as_dense_ones(tiny_model):
     assert sparse.keys() == dense.keys()
     for key in sparse:
         assert torch.allclose(sparse[key], dense[key], atol=1e-6), key
+
+
+def test_head_gradient_buffer_becomes_the_table_gradient(tiny_model, monkeypatch):
+    """On the CPU the tied head's d/dW buffer is the table's .grad after backward: the lookups' sparse rows
+    were added into it in place, not into a fresh [V, D] copy. Autograd does that only when the dense
+    d/dW arrives after the sparse rows (sparse_lookup_gradients' identity node)."""
+    features = features_of(tiny_model, REPETITIVE[:4])
+    buffers: list[int] = []
+    original = heads._chunked_pass
+
+    def recording(*args, **kwargs):
+        totals, grads = original(*args, **kwargs)
+        if grads is not None:
+            buffers.append(grads[1].data_ptr())  # d/dW [V, D]
+        return totals, grads
+
+    monkeypatch.setattr(heads, "_chunked_pass", recording)
+    loss = RetroMAELoss(tiny_model)
+    loss.callback_attached = True
+    loss.zero_grad(set_to_none=True)
+    torch.stack(list(loss([features]).values())).sum().backward()
+    table = loss.encoder().word_embeddings.weight
+    assert len(buffers) == 1  # one joint head call
+    assert table.grad.layout == torch.strided
+    assert table.grad.data_ptr() == buffers[0]
 
 
 def test_chunked_cross_entropy_refuses_a_second_backward():

@@ -282,7 +282,11 @@ def _chunked_pass(
                     grad_b[part] += probs[rows].sum(dim=0)
     if not need_grad:
         return totals, None
-    return totals, (grad_x, grad_w[:vocab].to(weight.dtype), grad_b[:, :vocab].to(bias.dtype))
+    if pad:
+        grad_w, grad_b = grad_w[:vocab], grad_b[:, :vocab]
+    # grad_w unsliced where there is no padding: a view would keep its base alive, and autograd then adds
+    # the lookups' sparse rows into a fresh copy instead of into it (see loss.sparse_lookup_gradients).
+    return totals, (grad_x, grad_w.to(weight.dtype), grad_b.to(bias.dtype))
 
 
 class ChunkedMaxPooledLogits(torch.autograd.Function):

@@ -95,23 +95,40 @@ def attention_kernels(device: torch.device | None) -> contextlib.AbstractContext
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+class _ArrivesLast(torch.autograd.Function):
+    """Identity on the tied [V, D] table for the vocabulary head; see :func:`sparse_lookup_gradients`."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
 @contextlib.contextmanager
-def sparse_lookup_gradients(table: nn.Module, enabled: bool) -> Iterator[None]:
+def sparse_lookup_gradients(table: nn.Module, enabled: bool) -> Iterator[torch.Tensor]:
     """While on, lookups in ``table`` (an ``nn.Embedding``) give sparse gradients: their [n, D] rows
-    instead of a dense [V, D] tensor each.
+    instead of a dense [V, D] tensor each. Yields the table's weight as the tied head must use it.
 
     Why: the word-embedding table gets three gradients a step: from the encoder's input, from the
     decoder's content stream and from the tied head's d/dW. Dense, each lookup's is a fresh [V, D] buffer
-    (94 MB at BERT-base) that the CPU zero-fills and page-faults, and autograd adds them up; sparse, their
-    rows are added into the head's dense d/dW in place (autograd keeps a sum with a dense term dense), so
-    ``.grad`` is dense for the optimizer as before (``benchmarks/README.md``: ~2% of a BERT-base step).
+    (94 MB at BERT-base) that the CPU zero-fills and page-faults, and autograd adds them up. Sparse, their
+    rows can be added into the head's dense d/dW in place, so ``.grad`` is dense for the optimizer as
+    before, but only in one order: autograd sums a tensor's gradients as they arrive and forms a dense sum
+    with a sparse addend out of place (a fresh [V, D] copy each time, torch 2.13), while a dense gradient
+    arriving after sparse ones takes them in place. Its engine runs the most recently created nodes first,
+    so the head's d/dW (made last in forward) would arrive first. The yielded weight is the table behind
+    an identity node made here, before any lookup: it runs after them, so the head's d/dW arrives last
+    (``benchmarks/README.md``: the word-embedding table's gradient buffers). Only the order of a sum changes.
     """
     if not enabled or not isinstance(table, nn.Embedding) or table.sparse or table.max_norm is not None:
-        yield
+        yield table.weight
         return
     table.sparse = True
     try:
-        yield
+        yield _ArrivesLast.apply(table.weight)
     finally:
         table.sparse = False
 
@@ -402,10 +419,16 @@ class RetroMAELoss(nn.Module):
         sparse = (
             device is not None and device.type == "cpu" and self.training and torch.is_grad_enabled()
         ) and not self.compile
-        with attention_kernels(device), sparse_lookup_gradients(self.encoder().word_embeddings, sparse):
-            return self._forward(features)
+        with (
+            attention_kernels(device),
+            sparse_lookup_gradients(self.encoder().word_embeddings, sparse) as head_weight,
+        ):
+            return self._forward(features, head_weight)
 
-    def _forward(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def _forward(
+        self, features: list[dict[str, torch.Tensor]], head_weight: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The step's losses; ``head_weight`` is the word-embedding table [V, D] as the tied head uses it."""
         if len(features) != 1:
             raise ValueError(
                 f"RetroMAELoss expects a dataset with one text column, got {len(features)} columns."
@@ -487,13 +510,14 @@ class RetroMAELoss(nn.Module):
             decoder_parts.append(labelled_positions(decoder_states, targets[rows, :length]))
 
             if self.bow_weight > 0:
-                group_bow = self._bow_loss(token_states, part["input_ids"], part["attention_mask"], tables)
+                group_bow = self._bow_loss(
+                    token_states, part["input_ids"], part["attention_mask"], tables, head_weight
+                )
                 group_bow = group_bow * group.size  # a mean over the group's rows -> their sum
                 bow_sum = group_bow if bow_sum is None else bow_sum + group_bow
 
         # The shared head over every group's labelled positions, both losses: [N, D] -> a scalar each.
-        embedding_weight = adapter.word_embeddings.weight  # [V, D], tied vocab projection
-        losses = self._mlm_losses({"encoder_mlm": encoder_parts, "decoder": decoder_parts}, embedding_weight)
+        losses = self._mlm_losses({"encoder_mlm": encoder_parts, "decoder": decoder_parts}, head_weight)
         if bow_sum is not None:
             losses["bow"] = self.bow_weight * bow_sum / batch
         if self.check_finite:
@@ -734,6 +758,7 @@ class RetroMAELoss(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         tables: VocabTables,
+        head_weight: torch.Tensor,
     ) -> torch.Tensor:
         """DupMAE: max-pool the encoder's MLM logits over positions 1..L-1 and match the text's bag of words."""
         valid = attention_mask.bool().clone()
@@ -742,7 +767,7 @@ class RetroMAELoss(nn.Module):
         chunk_positions = max(1, self._chunk_rows_for(token_states.device) // max(batch, 1))
         pooled = ChunkedMaxPooledLogits.apply(
             self.head.transform(token_states),
-            self.encoder().word_embeddings.weight,
+            head_weight,
             self.head.bias,
             valid,
             chunk_positions,
