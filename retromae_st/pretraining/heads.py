@@ -33,6 +33,13 @@ def default_chunk_rows(vocab_size: int, device_type: str = "cpu") -> int:
     return max(64, elements // max(vocab_size, 1))
 
 
+def join_rows(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(states [N_p, D], labels [N_p]) parts -> (states [N, D], labels [N]), rows in order; one part as is."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([states for states, _ in parts]), torch.cat([labels for _, labels in parts])
+
+
 def grad_w_in_compute_dtype(device_type: str) -> bool:
     """Whether :class:`ChunkedLinearCrossEntropy` forms each chunk's d/dW in the compute dtype (CUDA) or
     in fp32 (CPU); see its docstring."""
@@ -120,8 +127,7 @@ class MLMHead(nn.Module):
             return [
                 self._one_loss(hidden, labels, embedding_weight, bias, chunk_rows) for hidden, labels in parts
             ]
-        hidden = torch.cat([hidden for hidden, _ in parts]) if len(parts) > 1 else parts[0][0]  # [N, D]
-        labels = torch.cat([labels for _, labels in parts]) if len(parts) > 1 else parts[0][1]  # [N]
+        hidden, labels = join_rows(parts)  # [N, D], [N]
         sizes = tuple(part_labels.numel() for _, part_labels in parts)
         means = ChunkedLinearCrossEntropy.apply(
             self.transform(hidden), embedding_weight, bias, labels, chunk_rows, sizes

@@ -37,6 +37,7 @@ from retromae_st.pretraining.heads import (
     MLMHead,
     bag_of_words_loss,
     default_chunk_rows,
+    join_rows,
     pretrained_head_names,
     pretrained_head_state,
 )
@@ -700,12 +701,7 @@ class RetroMAELoss(nn.Module):
         On the CPU in one vocabulary-wide call (one [V, D] gradient buffer a step instead of one per loss
         and their sum, ~0.1 s a step at BERT-base: ``benchmarks/README.md``); on a GPU one call per loss,
         where fresh buffers are cheap and the joint call would synchronise the device in backward."""
-        merged = [
-            (group[0][0], group[0][1])
-            if len(group) == 1
-            else (torch.cat([states for states, _ in group]), torch.cat([labels for _, labels in group]))
-            for group in parts.values()
-        ]  # one (states [N, D], labels [N]) per loss
+        merged = [join_rows(group) for group in parts.values()]  # one (states [N, D], labels [N]) per loss
         device = merged[0][0].device
         values = self.head.losses(
             merged, embedding_weight, self._chunk_rows_for(device), joint=device.type == "cpu"
