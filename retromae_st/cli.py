@@ -663,6 +663,22 @@ COMMANDS = {
 }
 
 
+def _end_process_group() -> None:
+    """Destroy the process group of a ``torchrun`` / ``accelerate launch`` run, if there is one.
+
+    torch does not do it at exit, and a gloo group left alive meets the interpreter's teardown with its
+    worker threads running: a process whose work is done can then abort (SIGABRT, "terminate called
+    without an active exception") and fail the whole launch (pytorch/pytorch#190489). Without torch
+    imported there is no group, and nothing to import.
+    """
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
@@ -703,6 +719,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nretromae-st: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130
+    finally:
+        _end_process_group()
 
 
 if __name__ == "__main__":

@@ -338,3 +338,24 @@ def test_bad_training_options_are_refused_before_any_input_is_read(
     assert cli.main([command, *inputs, "--output", "o", *flags]) == 2
     [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("retromae-st: error:")]
     assert expected in line
+
+
+# -- the process group of a launch ends with the command ----------------------------------------------------
+
+
+@pytest.mark.parametrize("outcome", ["success", "bad input"])
+def test_the_command_destroys_the_process_group_it_ran_in(tmp_path, data, outcome):
+    """A gloo group left alive at exit can abort a finished process under torchrun (pytorch#190489)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        recipe = recipe_file(tmp_path, data)
+        if outcome == "bad input":
+            recipe.write_text(recipe.read_text() + "unknown_key: 1\n")
+        expected = 0 if outcome == "success" else 2
+        assert cli.main(["run", str(recipe), "--output-root", str(tmp_path), "--check"]) == expected
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -33,6 +33,7 @@ def main(out: Path) -> None:
     state = {key: value.contiguous() for key, value in model.state_dict().items()}
     save_file(state, str(out / f"rank{rank}.safetensors"))
     dist.barrier()
+    dist.destroy_process_group()  # a gloo group left alive can abort the process at exit (pytorch#190489)
 
 
 if __name__ == "__main__":

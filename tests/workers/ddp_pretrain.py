@@ -58,6 +58,7 @@ def main(out: Path, data: str) -> None:
     save_file(state, str(out / f"rank{rank}.safetensors"))
     (out / f"groups{rank}.txt").write_text(" ".join(map(str, splits)))
     dist.barrier()
+    dist.destroy_process_group()  # a gloo group left alive can abort the process at exit (pytorch#190489)
 
 
 if __name__ == "__main__":
