@@ -8,9 +8,13 @@ memory: after the imports, after building the model and loss, at the end of ever
 (``VmHWM``). A whole run, not two steps: allocator fragmentation only shows after many steps of varying
 batch shapes.
 
-Peak RSS does not depend on the machine's load, so this can run on a busy machine (speed is not measured).
-The allocator is the process's own: compare glibc settings by running it under them, e.g.
-``MALLOC_ARENA_MAX=2 MALLOC_TRIM_THRESHOLD_=0 python benchmarks/memory_base128.py``.
+It also times every optimizer step and counts the process's minor page faults in it (``getrusage``): the
+allocator decides both. A fresh mmap'd block, or heap memory glibc gave back to the system, is faulted in
+and zero-filled by the kernel page by page on first touch. Peak RSS does not depend on the machine's load,
+so a memory comparison can run on a busy machine; the step times need an idle one (``--threads 2``).
+The allocator is the process's own: compare settings by running it under them, e.g.
+``MALLOC_ARENA_MAX=2 MALLOC_TRIM_THRESHOLD_=0 python benchmarks/memory_base128.py`` or
+``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 python benchmarks/memory_base128.py``.
 
 Examples::
 
@@ -24,10 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+WARMUP_STEPS = 5
 
 
 def rss_gib(field: str = "VmRSS") -> float:
@@ -89,9 +97,18 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     imports_rss = rss_gib()
     steps_rss: list[float] = []
+    step_seconds: list[float] = []
+    step_faults: list[int] = []
+    started: list[tuple[float, int]] = []
 
     class StepMemory(TrainerCallback):
+        def on_step_begin(self, *_args, **_kwargs):
+            started.append((time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt))
+
         def on_step_end(self, *_args, **_kwargs):
+            began_at, faults_at = started[-1]
+            step_seconds.append(time.perf_counter() - began_at)
+            step_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_at)
             steps_rss.append(round(rss_gib(), 3))
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,6 +157,11 @@ def main(argv: list[str] | None = None) -> None:
         "rss_per_step_gib": steps_rss,
         "peak_rss_gib": round(rss_gib("VmHWM"), 3),
         "minutes": round((time.time() - began) / 60, 1),  # under load: not a speed figure
+        # The first steps warm up (allocator, caches); the median of the rest, idle machine only.
+        "step_s_median": round(statistics.median(step_seconds[WARMUP_STEPS:] or step_seconds), 4),
+        "step_s": [round(x, 4) for x in step_seconds],
+        "minor_faults_per_step_median": int(statistics.median(step_faults[WARMUP_STEPS:] or step_faults)),
+        "minor_faults_per_step": step_faults,
         "command": " ".join([sys.executable, *sys.argv]),
     }
     print("MEMORY " + json.dumps(result), flush=True)
