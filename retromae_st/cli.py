@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from retromae_st import __version__
+from retromae_st.allocator import HINT_START
 from retromae_st.errors import NonFiniteLossError, UserInputError
 
 logger = logging.getLogger("retromae_st")
@@ -28,6 +29,7 @@ EXIT_TRAINING_FAILED = 3
 CONSOLE_INFO: dict[str, tuple[str, ...]] = {
     "retromae_st": ("",),  # this module's own: the pretrain / finetune commands' corpus and window counts
     "retromae_st.pipeline": ("",),
+    "retromae_st.allocator": (HINT_START,),
     "retromae_st.evaluation.run": ("",),
     "retromae_st.pretraining.training": (
         "RetroMAE pretraining:",

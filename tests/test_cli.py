@@ -14,6 +14,7 @@ from sentence_transformers import SentenceTransformer
 from transformers import TrainerCallback
 
 from retromae_st import cli
+from retromae_st.allocator import allocator_hint, loaded_allocator
 from retromae_st.finetuning import train as finetune_module
 
 
@@ -102,6 +103,8 @@ def test_run_recipe_end_to_end_with_resume(tmp_path, data, monkeypatch, capsys):
     assert (run / "stage1" / "final" / "model.safetensors").stat().st_mtime_ns == stage1_stamp
     log = (run / "run.log").read_text()
     assert "Stage 1 is complete" in log and "checkpoint-2" in log
+    said = allocator_hint() or f"Memory allocator: {loaded_allocator()}"
+    assert log.count(said) == 3, log.count(said)  # stage 1, stage 2 before the crash, stage 2 resumed
     state = json.loads((run / "stage2" / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
     steps_logged = [entry["step"] for entry in state["log_history"] if "loss" in entry]
     assert steps_logged == sorted(set(steps_logged)) and steps_logged[-1] == 6

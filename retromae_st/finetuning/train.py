@@ -36,6 +36,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from retromae_st.allocator import log_allocator
 from retromae_st.errors import NonFiniteLossError, UserInputError
 from retromae_st.finetuning.model_card import fill_card_data, save_final
 from retromae_st.io import ensure_can_write
@@ -65,6 +66,8 @@ class _EffectiveBatchLogger(TrainerCallback):
         self.mini_batch_size = mini_batch_size
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            log_allocator(args.device.type)
         effective = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         extra = f", GradCache mini-batches of {self.mini_batch_size}" if self.mini_batch_size else ""
         logger.info(

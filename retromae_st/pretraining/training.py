@@ -34,6 +34,7 @@ from datasets import Dataset
 from sentence_transformers import SentenceTransformer
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from retromae_st.allocator import log_allocator
 from retromae_st.errors import NonFiniteLossError, UserInputError
 from retromae_st.io import atomic_dir, atomic_write_json, make_readable
 from retromae_st.models import pooling_mode
@@ -563,6 +564,8 @@ def pretrain(
         final_dir,
         pooling_mode(model) or "its own modules (no Pooling module)",
     )
+    if trainer.is_world_process_zero():
+        log_allocator(args.device.type)
     if resume_from is not None:
         logger.info("Resuming from %s", resume_from)
     try:
