@@ -38,6 +38,20 @@ from pathlib import Path
 WARMUP_STEPS = 5
 
 
+def operator_table(profiler, top: int = 40) -> list[dict]:
+    """The ``top`` operators by self CPU time, grouped by input shapes (seconds over the profiled steps)."""
+    events = sorted(profiler.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+    return [
+        {
+            "op": e.key,
+            "shapes": str(e.input_shapes),
+            "self_s": round(e.self_cpu_time_total / 1e6, 4),
+            "calls": e.count,
+        }
+        for e in events[:top]
+    ]
+
+
 def rss_gib(field: str = "VmRSS") -> float:
     """This process's resident (``VmRSS``) or peak resident (``VmHWM``) memory in GiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -81,6 +95,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--label", default="", help="free text stored with the result (e.g. the allocator)")
     parser.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     parser.add_argument("--quick", action="store_true", help="smoke run: retromae-tiny, 3 steps")
+    parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="profile this many optimizer steps after the warm-up (torch.profiler, self CPU time per operator "
+        "and input shapes, stored in the result); the profiler slows those steps",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.preset, args.steps = "retromae-tiny", 3
@@ -100,6 +121,23 @@ def main(argv: list[str] | None = None) -> None:
     step_seconds: list[float] = []
     step_faults: list[int] = []
     started: list[tuple[float, int]] = []
+
+    profiler = (
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
+        if args.profile_steps
+        else None
+    )
+
+    class StepProfile(TrainerCallback):
+        """Runs the profiler over ``--profile-steps`` optimizer steps, from the first after the warm-up."""
+
+        def on_step_begin(self, args_, state, control, **kwargs):
+            if state.global_step == WARMUP_STEPS:
+                profiler.start()
+
+        def on_step_end(self, args_, state, control, **kwargs):
+            if state.global_step == WARMUP_STEPS + args.profile_steps:
+                profiler.stop()
 
     class StepMemory(TrainerCallback):
         def on_step_begin(self, *_args, **_kwargs):
@@ -139,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
             save_steps=10**6,
             logging_steps=10,
             seed=args.seed,
-            callbacks=[StepMemory()],
+            callbacks=[StepMemory(), *([StepProfile()] if profiler else [])],
         )
     result = {
         "label": args.label,
@@ -162,6 +200,15 @@ def main(argv: list[str] | None = None) -> None:
         "step_s": [round(x, 4) for x in step_seconds],
         "minor_faults_per_step_median": int(statistics.median(step_faults[WARMUP_STEPS:] or step_faults)),
         "minor_faults_per_step": step_faults,
+        "profile": (
+            {
+                "steps": [WARMUP_STEPS + 1, WARMUP_STEPS + args.profile_steps],
+                "self_s_total": round(sum(e.self_cpu_time_total for e in profiler.key_averages()) / 1e6, 3),
+                "top_operators": operator_table(profiler),
+            }
+            if profiler
+            else None
+        ),
         "command": " ".join([sys.executable, *sys.argv]),
     }
     print("MEMORY " + json.dumps(result), flush=True)
