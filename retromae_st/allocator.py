@@ -1,9 +1,9 @@
-"""The memory allocator a training process runs on, and where to find a faster one for CPU training (Linux).
+"""The memory allocator a training process runs on, and where to find a leaner one for CPU training (Linux).
 
 A training step on the CPU allocates and frees large tensors every step. glibc's ``malloc`` maps the largest
 ones afresh each time (the kernel then zero-fills them page by page); tcmalloc keeps and reuses them. At
-BERT-base, L=128, that made a step 12% faster and the peak RSS 0.43 GiB lower
-(``benchmarks/results/allocators_base128.md``). The allocator is fixed when a process starts
+BERT-base, L=128, that lowered the peak RSS by 0.43-0.54 GiB in every run (steps 6% +- 4% faster, which
+is within this machine's noise; ``benchmarks/results/allocators_base128.md``). The allocator is fixed when a process starts
 (``LD_PRELOAD``), so a running process can only say which one it has and how to start with another.
 """
 
@@ -72,8 +72,8 @@ def allocator_hint(maps: Path = Path("/proc/self/maps"), folders: list[Path] | N
         else "LD_PRELOAD=.../libtcmalloc_minimal.so.4 (Debian/Ubuntu: apt install libtcmalloc-minimal4)"
     )
     return (
-        f"{HINT_START}: start the command with {preload} for faster steps and a lower peak memory "
-        "(README: Performance, 'A faster allocator')."
+        f"{HINT_START}: start the command with {preload} for a lower peak memory "
+        "(README: Performance, 'A leaner allocator')."
     )
 
 
