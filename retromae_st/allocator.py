@@ -3,8 +3,9 @@
 A training step on the CPU allocates and frees large tensors every step. glibc's ``malloc`` maps the largest
 ones afresh each time (the kernel then zero-fills them page by page); tcmalloc keeps and reuses them. At
 BERT-base, L=128, that lowered the peak RSS by 0.43-0.54 GiB in every run (steps 6% +- 4% faster, which
-is within this machine's noise; ``benchmarks/results/allocators_base128.md``). The allocator is fixed when a process starts
-(``LD_PRELOAD``), so a running process can only say which one it has and how to start with another.
+is within this machine's noise; ``benchmarks/results/allocators_base128.md``). The allocator is fixed
+when a process starts (``LD_PRELOAD``), so a running process can only say which one it has and how to
+start with another.
 """
 
 from __future__ import annotations
