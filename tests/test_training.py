@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from conftest import TINY, free_port, launcher_env, make_texts
 from datasets import Dataset
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers import TrainerCallback
 
 from retromae_st.data.tokenize import tokenize_corpus
@@ -24,6 +27,7 @@ from retromae_st.pretraining.training import (
     RetroMAETrainingCallback,
     complete_checkpoints,
     last_complete_checkpoint,
+    non_finite_gradient,
     pretrain,
 )
 
@@ -133,6 +137,50 @@ def test_joint_gradient_clipping(tiny_model):
     assert torch.cat(grads).norm().item() == pytest.approx(1.0, rel=1e-4)
     own_after = torch.cat([p.grad.flatten() for p in loss.own_parameters()]).norm()
     assert own_after < own_before  # the loss's gradients were scaled too
+
+
+class _GradientReads(TorchDispatchMode):
+    """Counts, for each gradient, the operators that take it as an input: the passes over its memory."""
+
+    def __init__(self, parameters):
+        super().__init__()
+        self.reads = {p.grad.untyped_storage().data_ptr(): 0 for p in parameters}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        touched = {
+            leaf.untyped_storage().data_ptr()
+            for leaf in tree_leaves((args, kwargs))
+            if isinstance(leaf, torch.Tensor)
+        }
+        for pointer in touched & self.reads.keys():
+            self.reads[pointer] += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize(("value", "passes"), [(0.001, 1), (0.5, 2)])
+def test_the_finite_check_and_clipping_read_each_gradient_once_plus_the_scaling(tiny_model, value, passes):
+    # One norm pass serves the finite check and the clipping; the scaling pass only runs above the limit.
+    loss = RetroMAELoss(tiny_model)
+    callback = RetroMAETrainingCallback(loss)
+    callback.max_grad_norm = 1.0
+    parameters = list(tiny_model.parameters()) + loss.own_parameters()
+    for parameter in parameters:
+        parameter.grad = torch.full_like(parameter, value)
+    before = [p.grad.clone() for p in parameters]
+    with _GradientReads(parameters) as reads:
+        callback.on_pre_optimizer_step(None, None, None, model=tiny_model)
+    assert set(reads.reads.values()) == {passes}
+    if passes == 1:  # below the limit: untouched, bit for bit
+        assert all(torch.equal(p.grad, b) for p, b in zip(parameters, before, strict=True))
+
+
+def test_a_gradient_whose_norm_overflows_counts_as_non_finite():
+    parameter = torch.nn.Parameter(torch.zeros(4))
+    parameter.grad = torch.full((4,), 3e38)  # every element finite, the square sum is not
+    assert non_finite_gradient([parameter]) == math.inf
+    parameter.grad = torch.full((4,), 3e18)
+    assert non_finite_gradient([parameter]) is None
 
 
 def test_resume_without_decoder_weights_is_refused(tiny_model, tmp_path):
