@@ -175,6 +175,39 @@ def test_the_finite_check_and_clipping_read_each_gradient_once_plus_the_scaling(
         assert all(torch.equal(p.grad, b) for p, b in zip(parameters, before, strict=True))
 
 
+class _EmbeddingGradientNorms(TorchDispatchMode):
+    """Counts the norms taken of the word-embedding table's gradient (the only [V, D] norm in a step)."""
+
+    def __init__(self, parameter: torch.nn.Parameter):
+        super().__init__()
+        self.parameter, self.count = parameter, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.linalg_vector_norm, torch.ops.aten._foreach_norm):
+            grad = self.parameter.grad
+            inputs = [leaf for leaf in tree_leaves(args) if isinstance(leaf, torch.Tensor)]
+            self.count += grad is not None and any(t.data_ptr() == grad.data_ptr() for t in inputs)
+        return func(*args, **(kwargs or {}))
+
+
+def test_pretrain_reads_the_gradients_for_their_norm_once_a_step_and_logs_that_norm(
+    tokenizer, windows, tmp_path
+):
+    # transformers measures the model's gradient norm every step for its log; pretrain() logs the
+    # callback's joint norm instead of measuring a second one.
+    model, loss = _fresh(tokenizer, tmp_path / "init")
+    table = model[0].auto_model.get_input_embeddings().weight
+    with _EmbeddingGradientNorms(table) as norms:
+        pretrain(
+            model, windows, tmp_path / "run", loss=loss, batch_size=8, max_steps=3, save_steps=100,
+            logging_steps=1, learning_rate=1e-3,
+        )  # fmt: skip
+    assert norms.count == 3
+    logged = json.loads((tmp_path / "run" / "training_log.json").read_text())
+    grad_norms = [entry["grad_norm"] for entry in logged if "grad_norm" in entry]
+    assert len(grad_norms) == 3 and all(math.isfinite(g) and g > 0 for g in grad_norms)
+
+
 def test_a_gradient_whose_norm_overflows_counts_as_non_finite():
     parameter = torch.nn.Parameter(torch.zeros(4))
     parameter.grad = torch.full((4,), 3e38)  # every element finite, the square sum is not

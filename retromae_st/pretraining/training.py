@@ -184,6 +184,7 @@ class RetroMAETrainingCallback(TrainerCallback):
         self.loss = loss
         self.resume_from_checkpoint = resume_from_checkpoint
         self.max_grad_norm = 0.0
+        self.prepared_step: int | None = None  # the step whose gradients prepare_gradients has handled
         self.h_gains: list[float] = []  # every logged h_gain, for the stalled-h warning
         self.warned_h_gain = False
         loss.callback_attached = True
@@ -207,6 +208,7 @@ class RetroMAETrainingCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.loss.current_step = state.global_step + 1
+        self.prepared_step = None
         # Diagnostics cost a decoder pass without gradients: only on the steps the trainer logs.
         if args.logging_strategy == "steps" and is_logging_step(
             state.global_step + 1, int(state.logging_steps or args.logging_steps), args.logging_first_step
@@ -242,6 +244,19 @@ class RetroMAETrainingCallback(TrainerCallback):
             )
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state is None or self.prepared_step != state.global_step:
+            self.prepare_gradients(args, state, model)
+
+    def prepare_gradients(self, args, state, model) -> torch.Tensor | None:
+        """Ready this step's gradients for the optimizer; return their joint norm before clipping.
+
+        Keeps the encoder's gradients off during the head warm-up, averages the loss's gradients across
+        processes, stops on a non-finite gradient and clips model and loss gradients by their joint norm:
+        one pass over the gradients for the norm, a second only when clipping scales them.
+        :class:`~retromae_st.pretraining.trainer.RetroMAETrainer` calls it where the trainer would measure the
+        norm for its log; otherwise :meth:`on_pre_optimizer_step` does, once a step either way.
+        """
+        self.prepared_step = state.global_step if state is not None else None
         step = state.global_step + 1 if state is not None else self.loss.current_step
         if model is not None and self.loss.encoder_frozen(step):
             # Head warm-up: the loss ran the encoder without a graph; its embedding layer may still hold a
@@ -263,7 +278,7 @@ class RetroMAETrainingCallback(TrainerCallback):
         # One norm pass serves both the finite check and the clipping (the gradients are read once).
         norm = gradient_norm(parameters + own)
         if norm is None:
-            return
+            return None
         value = norm.item()
         # Under fp16 an infinite gradient is routine: the grad scaler skips that step and lowers its scale.
         if not math.isfinite(value) and not getattr(args, "fp16", False):
@@ -279,6 +294,7 @@ class RetroMAETrainingCallback(TrainerCallback):
             # Under fp16 the trainer has already unscaled every gradient of the optimizer (model and loss
             # alike) when it measured the gradient norm just before this hook, so these are true values.
             torch.nn.utils.clip_grads_with_norm_(parameters + own, self.max_grad_norm, norm)
+        return norm
 
     def on_step_end(self, args, state, control, **kwargs):
         # A checkpoint folder about to be saved again (a resumed run re-reaching a step) is not complete
@@ -476,8 +492,9 @@ def pretrain(
     Re-running the same call after an interruption resumes from the last complete checkpoint. A finished
     ``final/`` is never replaced unless ``overwrite=True``.
     """
-    from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
     from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
+
+    from retromae_st.pretraining.trainer import RetroMAETrainer
 
     check_pretrain_options(
         loss_kwargs=loss_kwargs if loss is None else None, batch_size=batch_size, learning_rate=learning_rate,
@@ -557,13 +574,14 @@ def pretrain(
     if curriculum is not None and not any(isinstance(c, MaskRatioCurriculum) for c in callbacks):
         # The loss's own curriculum options (it reads its knobs at every forward; the callback sets them).
         callbacks = [curriculum, *callbacks]
-    trainer = SentenceTransformerTrainer(
+    trainer = RetroMAETrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
         loss=loss,
         data_collator=collator,
         callbacks=[callback, *callbacks],
+        retromae_callback=callback,
     )
     world = args.world_size
     logger.info(
