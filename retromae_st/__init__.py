@@ -24,6 +24,7 @@ _EXPORTS = {
     "NonFiniteLossError": "retromae_st.pretraining.loss",
     "RetroMAEDecoder": "retromae_st.pretraining.decoder",
     "RetroMAETrainingCallback": "retromae_st.pretraining.training",
+    "RetroMAETrainer": "retromae_st.pretraining.trainer",
     "pretrain": "retromae_st.pretraining.training",
     # models
     "PRESETS": "retromae_st.models",
@@ -62,6 +63,7 @@ __all__ = [
     "NonFiniteLossError",
     "RetroMAEDecoder",
     "RetroMAETrainingCallback",
+    "RetroMAETrainer",
     "pretrain",
     "PRESETS",
     "Preset",
@@ -123,5 +125,6 @@ if TYPE_CHECKING:
     from retromae_st.pipeline import run_recipe
     from retromae_st.pretraining.decoder import RetroMAEDecoder
     from retromae_st.pretraining.loss import NonFiniteLossError, RetroMAELoss
+    from retromae_st.pretraining.trainer import RetroMAETrainer
     from retromae_st.pretraining.training import RetroMAETrainingCallback, pretrain
     from retromae_st.recipes import Recipe, load_recipe

@@ -15,14 +15,18 @@ from conftest import TINY, free_port, launcher_env, make_texts
 from datasets import Dataset
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
+from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import TrainerCallback
 
+from retromae_st.data.batching import PaddingCollator
 from retromae_st.data.tokenize import tokenize_corpus
 from retromae_st.errors import UserInputError
 from retromae_st.models import build_model
 from retromae_st.pretraining.loss import LOSS_WEIGHTS_NAME, RetroMAELoss
+from retromae_st.pretraining.trainer import RetroMAETrainer
 from retromae_st.pretraining.training import (
     RetroMAETrainingCallback,
     complete_checkpoints,
@@ -158,13 +162,14 @@ class _GradientReads(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-@pytest.mark.parametrize(("value", "passes"), [(0.001, 1), (0.5, 2)])
-def test_the_finite_check_and_clipping_read_each_gradient_once_plus_the_scaling(tiny_model, value, passes):
+@pytest.mark.parametrize(("norm", "passes"), [(0.5, 1), (2.0, 2)])
+def test_the_finite_check_and_clipping_read_each_gradient_once_plus_the_scaling(tiny_model, norm, passes):
     # One norm pass serves the finite check and the clipping; the scaling pass only runs above the limit.
     loss = RetroMAELoss(tiny_model)
     callback = RetroMAETrainingCallback(loss)
     callback.max_grad_norm = 1.0
     parameters = list(tiny_model.parameters()) + loss.own_parameters()
+    value = norm / math.sqrt(sum(p.numel() for p in parameters))  # every gradient element alike
     for parameter in parameters:
         parameter.grad = torch.full_like(parameter, value)
     before = [p.grad.clone() for p in parameters]
@@ -206,6 +211,42 @@ def test_pretrain_reads_the_gradients_for_their_norm_once_a_step_and_logs_that_n
     logged = json.loads((tmp_path / "run" / "training_log.json").read_text())
     grad_norms = [entry["grad_norm"] for entry in logged if "grad_norm" in entry]
     assert len(grad_norms) == 3 and all(math.isfinite(g) and g > 0 for g in grad_norms)
+
+
+def _train_clipped(
+    trainer_class, tokenizer, windows, folder: Path, callback: bool
+) -> SentenceTransformerTrainer:
+    model, loss = _fresh(tokenizer, folder / "init")
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(folder / "out"), per_device_train_batch_size=8, max_steps=3, learning_rate=1e-3,
+        max_grad_norm=0.05, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=1,
+        dataloader_pin_memory=False,
+    )  # fmt: skip
+    trainer = trainer_class(
+        model=model, args=args, train_dataset=windows, loss=loss, data_collator=PaddingCollator(tokenizer),
+        callbacks=[RetroMAETrainingCallback(loss)] if callback else None,
+    )  # fmt: skip
+    trainer.train()
+    return trainer
+
+
+def test_retromae_trainer_adds_the_callback_and_trains_as_the_stock_trainer_with_it(
+    tokenizer, windows, tmp_path
+):
+    stock = _train_clipped(SentenceTransformerTrainer, tokenizer, windows, tmp_path / "stock", callback=True)
+    ours = _train_clipped(RetroMAETrainer, tokenizer, windows, tmp_path / "ours", callback=False)
+    added = [c for c in ours.callback_handler.callbacks if isinstance(c, RetroMAETrainingCallback)]
+    assert added == [ours.retromae_callback]
+    for name, value in stock.model.state_dict().items():
+        torch.testing.assert_close(ours.model.state_dict()[name], value, rtol=0, atol=1e-6, msg=name)
+    for name, value in stock.loss.own_state_dict().items():
+        torch.testing.assert_close(ours.loss.own_state_dict()[name], value, rtol=0, atol=1e-6, msg=name)
+    # Clipping was on (norms above 0.05) and both clip jointly; ours logs the joint norm, the stock trainer
+    # the model's alone: never smaller.
+    stock_norms = [e["grad_norm"] for e in stock.state.log_history if "grad_norm" in e]
+    our_norms = [e["grad_norm"] for e in ours.state.log_history if "grad_norm" in e]
+    assert len(our_norms) == len(stock_norms) == 3
+    assert all(o > s > 0.05 for o, s in zip(our_norms, stock_norms, strict=True))
 
 
 def test_a_gradient_whose_norm_overflows_counts_as_non_finite():

@@ -180,7 +180,8 @@ class RetroMAELoss(nn.Module):
         The loss owns the decoder and the MLM head's transform (the vocab projection is tied to the
         encoder's input embeddings). The trainer only checkpoints, clips and synchronises the *model's*
         parameters, so train with :class:`retromae_st.pretraining.training.RetroMAETrainingCallback` (added for you by
-        :func:`retromae_st.pretraining.training.pretrain`), which handles the loss's weights too. The model itself
+        :class:`retromae_st.pretraining.trainer.RetroMAETrainer` and :func:`retromae_st.pretraining.training.pretrain`),
+        which handles the loss's weights too. The model itself
         stays a stock ``Transformer`` + ``Pooling('cls')`` Sentence-Transformer.
 
         The sentence embedding h that the decoder reads is the model's own ``sentence_embedding``: the output
@@ -439,8 +440,9 @@ class RetroMAELoss(nn.Module):
         if self.training and torch.is_grad_enabled() and not self.callback_attached:
             logger.warning_once(
                 "RetroMAELoss is training without RetroMAETrainingCallback: the decoder's weights will not be "
-                "checkpointed, clipped or synchronised across processes. Pass "
-                "callbacks=[RetroMAETrainingCallback(loss)] to the trainer, or use retromae_st.pretrain()."
+                "checkpointed, clipped or synchronised across processes. Train with retromae_st.RetroMAETrainer "
+                "(it adds the callback), pass callbacks=[RetroMAETrainingCallback(loss)] to the trainer, or use "
+                "retromae_st.pretrain()."
             )
         # An attribute read (the tokenizer may change after init); the model may be inside a DDP wrapper.
         _check_padding_side(getattr(_unwrap(self.model), "tokenizer", None))

@@ -581,7 +581,6 @@ def pretrain(
         loss=loss,
         data_collator=collator,
         callbacks=[callback, *callbacks],
-        retromae_callback=callback,
     )
     world = args.world_size
     logger.info(
