@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from retromae_st.pretraining.loss import RetroMAELoss
 from retromae_st.pretraining.training import RetroMAETrainingCallback
 
 sys.path.insert(0, str(Path(__file__).parent))
+from long_context import cpu_model  # noqa: E402  (lscpu's model name, family and model numbers)
 from memory_base128 import wordpiece_tokenizer  # noqa: E402  (the benchmarks' made-up WordPiece vocabulary)
 
 
@@ -116,17 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         for (v, n), t in times.items()
     ]
     result = {
-        "machine": platform.processor() or platform.machine(),
-        "cpu": next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            "unknown",
-        )
-        if Path("/proc/cpuinfo").exists()
-        else "unknown",  # fmt: skip
+        "cpu": cpu_model(),
         "threads": args.threads,
         "torch": torch.__version__,
         "preset": args.preset,
@@ -137,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         f"# Passes over the gradients before the optimizer step ({result['gradients'] / 1e6:.1f}M gradients)",
         "",
-        f"CPU: {result['cpu']}, {args.threads} threads, torch {torch.__version__}; median of {args.repeats} "
+        f"CPU: {result['cpu']['model_name']}, {args.threads} threads, torch {torch.__version__}; median of {args.repeats} "
         "interleaved repeats; clipping limit 1.0.",
         "",
         "| variant | total norm 0.5 (no rescale) | total norm 5.0 (rescaled) |",

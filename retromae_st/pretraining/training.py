@@ -184,7 +184,7 @@ class RetroMAETrainingCallback(TrainerCallback):
         self.loss = loss
         self.resume_from_checkpoint = resume_from_checkpoint
         self.max_grad_norm = 0.0
-        self.prepared_step: int | None = None  # the step whose gradients prepare_gradients has handled
+        self.gradients_prepared = False  # prepare_gradients ran since the last optimizer step
         self.h_gains: list[float] = []  # every logged h_gain, for the stalled-h warning
         self.warned_h_gain = False
         loss.callback_attached = True
@@ -208,7 +208,6 @@ class RetroMAETrainingCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.loss.current_step = state.global_step + 1
-        self.prepared_step = None
         # Diagnostics cost a decoder pass without gradients: only on the steps the trainer logs.
         if args.logging_strategy == "steps" and is_logging_step(
             state.global_step + 1, int(state.logging_steps or args.logging_steps), args.logging_first_step
@@ -244,8 +243,9 @@ class RetroMAETrainingCallback(TrainerCallback):
             )
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if state is None or self.prepared_step != state.global_step:
+        if not self.gradients_prepared:
             self.prepare_gradients(args, state, model)
+        self.gradients_prepared = False  # the next step's gradients are its own
 
     def prepare_gradients(self, args, state, model) -> torch.Tensor | None:
         """Ready this step's gradients for the optimizer; return their joint norm before clipping.
@@ -256,7 +256,7 @@ class RetroMAETrainingCallback(TrainerCallback):
         :class:`~retromae_st.pretraining.trainer.RetroMAETrainer` calls it where the trainer would measure the
         norm for its log; otherwise :meth:`on_pre_optimizer_step` does, once a step either way.
         """
-        self.prepared_step = state.global_step if state is not None else None
+        self.gradients_prepared = True
         step = state.global_step + 1 if state is not None else self.loss.current_step
         if model is not None and self.loss.encoder_frozen(step):
             # Head warm-up: the loss ran the encoder without a graph; its embedding layer may still hold a
@@ -282,7 +282,6 @@ class RetroMAETrainingCallback(TrainerCallback):
         value = norm.item()
         # Under fp16 an infinite gradient is routine: the grad scaler skips that step and lowers its scale.
         if not math.isfinite(value) and not getattr(args, "fp16", False):
-            step = state.global_step + 1 if state is not None else self.loss.current_step
             raise NonFiniteLossError(
                 f"the gradient became {value} at step {step} although the RetroMAE loss was finite; "
                 "training stopped before applying it, so the last checkpoint is intact. "
